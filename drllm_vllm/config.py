@@ -1,0 +1,131 @@
+"""The `drllm` block of a checkpoint's config.json, and per-request controls.
+
+Both are validated here and nowhere else; every error names the bad value
+and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .schedule import Schedule, check_schedule
+
+ARCHITECTURES = {
+    "DrLlamaForCausalLM": "LlamaForCausalLM",
+    "DrQwen2ForCausalLM": "Qwen2ForCausalLM",
+    "DrQwen3ForCausalLM": "Qwen3ForCausalLM",
+}
+MODES = ("routed", "full", "schedule")
+CONTROL_KEYS = ("drllm_mode", "drllm_schedule", "drllm_bias", "drllm_route_tokens")
+
+
+class DrConfig(BaseModel):
+    """What a Dr.LLM checkpoint adds to its base model's config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_windows: int = Field(8, ge=1, description="windows for mean pooling (W)")
+    bottleneck: int = Field(128, ge=1, description="router MLP hidden width")
+    repeat_layers: tuple[int, ...] = Field(
+        (), description="layers that may repeat; each gets a second KV cache"
+    )
+    default_mode: Literal["routed", "full"] = "routed"
+    default_bias: float = Field(0.0, ge=-1.0, le=1.0)
+    router_file: str = "routers.safetensors"
+    trained: bool = False
+    router_card: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("repeat_layers")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(i < 0 for i in v):
+            raise ValueError(f"layer indices must be >= 0, got {list(v)}")
+        return tuple(sorted(set(v)))
+
+
+def parse_drllm_block(hf_config: Any) -> DrConfig:
+    """Read and validate `hf_config.drllm`; raise ValueError with one clear line."""
+    block = getattr(hf_config, "drllm", None)
+    if block is None:
+        raise ValueError(
+            "this checkpoint has no 'drllm' block in config.json; "
+            "build one with `drllm prepare`"
+        )
+    try:
+        cfg = DrConfig.model_validate(block)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'drllm'}: {err['msg']} "
+            f"(got {err.get('input')!r})"
+            for err in e.errors()
+        )
+        raise ValueError(f"invalid 'drllm' block in config.json: {problems}") from None
+    num_layers = hf_config.num_hidden_layers
+    bad = [i for i in cfg.repeat_layers if i >= num_layers]
+    if bad:
+        raise ValueError(
+            f"invalid 'drllm' block: repeat_layers {bad} out of range for "
+            f"{num_layers} layers (accepted: 0..{num_layers - 1})"
+        )
+    return cfg
+
+
+@dataclass(frozen=True)
+class Controls:
+    """One request's routing controls, from SamplingParams.extra_args."""
+
+    mode: str = "routed"
+    schedule: Schedule | None = None
+    bias: float = 0.0
+    route_tokens: int | None = None
+
+
+def parse_controls(
+    extra_args: dict[str, Any] | None, num_layers: int, cfg: DrConfig
+) -> Controls:
+    """Validate a request's drllm_* extra args; raise ValueError on bad input."""
+    args = extra_args or {}
+    unknown = [k for k in args if k.startswith("drllm_") and k not in CONTROL_KEYS]
+    if unknown:
+        raise ValueError(
+            f"unknown routing control(s) {unknown}; accepted: {list(CONTROL_KEYS)}"
+        )
+    mode = args.get("drllm_mode", cfg.default_mode)
+    if mode not in MODES:
+        raise ValueError(f"drllm_mode = {mode!r} is not accepted; use one of {MODES}")
+    schedule = None
+    if mode == "schedule":
+        if "drllm_schedule" not in args:
+            raise ValueError(
+                f'drllm_mode = "schedule" needs drllm_schedule: a list of '
+                f"{num_layers} ints in {{0, 1, 2}}"
+            )
+        schedule = check_schedule(args["drllm_schedule"], num_layers, cfg.repeat_layers)
+    elif "drllm_schedule" in args:
+        raise ValueError(
+            f'drllm_schedule is only read with drllm_mode = "schedule", '
+            f"got drllm_mode = {mode!r}"
+        )
+    bias = args.get("drllm_bias", cfg.default_bias)
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not (
+        math.isfinite(bias) and -1.0 <= bias <= 1.0
+    ):
+        raise ValueError(
+            f"drllm_bias = {bias!r} is not accepted; use a number in [-1, 1] "
+            f"(negative: skip more, positive: repeat more, 0: routers as trained)"
+        )
+    route_tokens = args.get("drllm_route_tokens")
+    if route_tokens is not None and (
+        isinstance(route_tokens, bool)
+        or not isinstance(route_tokens, int)
+        or route_tokens < 1
+    ):
+        raise ValueError(
+            f"drllm_route_tokens = {route_tokens!r} is not accepted; use an int >= 1 "
+            f"(route on the first N prompt tokens)"
+        )
+    return Controls(mode, schedule, float(bias), route_tokens)

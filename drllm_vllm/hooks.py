@@ -1,0 +1,391 @@
+"""Every place where drllm-vllm touches vLLM's private internals (vLLM 0.32).
+
+A vLLM upgrade should need changes here and nowhere else:
+- engine settings: EngineArgs.create_engine_config is wrapped so that a
+  Dr.LLM checkpoint gets the settings it needs and conflicting explicit
+  settings are refused before anything starts;
+- request validation: InputProcessor._validate_params is wrapped so bad
+  drllm_* controls are a VLLMValidationError (HTTP 400) at admission;
+- the model runner: `_model_forward` gives the model request identity
+  (a StepBatch) and attention metadata for row subsets; schedules decided
+  in a step ride back on the ModelRunnerOutput;
+- the scheduler: keeps each request's schedule and returns it with the
+  request's final output in `kv_transfer_params["drllm"]`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+from .batch import RouteRequest, StepBatch
+from .config import ARCHITECTURES, parse_controls, parse_drllm_block
+from .schedule import Schedule, full_schedule
+
+logger = init_logger("drllm_vllm")
+
+SCHEDULER_CLS = "drllm_vllm.hooks.DrScheduler"
+WORKER_CLS = {"cpu": "drllm_vllm.hooks.DrCPUWorker", "cuda": "drllm_vllm.hooks.DrGPUWorker"}
+OUTPUT_KEY = "drllm"  # RequestOutput.kv_transfer_params[OUTPUT_KEY]
+
+
+class DrllmConfigError(ValueError):
+    """A Dr.LLM checkpoint or engine setting that cannot work."""
+
+
+# -- engine settings -------------------------------------------------------
+def dr_checkpoint_config(model: str, hf_overrides: Any = None) -> dict | None:
+    """The config.json of a local Dr.LLM checkpoint, else None."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    if isinstance(hf_overrides, dict) and "architectures" in hf_overrides:
+        config = {**config, **hf_overrides}
+    archs = config.get("architectures") or []
+    return config if archs and archs[0] in ARCHITECTURES else None
+
+
+def _apply_engine_settings(args) -> list[str]:
+    """Refuse conflicting explicit settings, then put ours in force."""
+    refused = {
+        "prefix caching": args.enable_prefix_caching is True,
+        "chunked prefill": args.enable_chunked_prefill is True,
+        "speculative decoding": bool(args.speculative_config),
+        "LoRA": bool(args.enable_lora),
+        "pipeline parallelism": (args.pipeline_parallel_size or 1) > 1,
+    }
+    bad = [k for k, v in refused.items() if v]
+    if bad:
+        raise DrllmConfigError(
+            f"Dr.LLM checkpoints cannot run with {', '.join(bad)}: routers pool each "
+            f"request's whole prompt and layers run on per-request row subsets. "
+            f"Remove the flag(s); the plugin turns prefix caching and chunked "
+            f"prefill off by itself."
+        )
+    from vllm.platforms import current_platform
+
+    device = "cuda" if current_platform.is_cuda() else "cpu"
+    if args.worker_cls not in ("auto", WORKER_CLS[device]):
+        raise DrllmConfigError(
+            f"--worker-cls {args.worker_cls} conflicts with the Dr.LLM worker "
+            f"{WORKER_CLS[device]}; leave it unset"
+        )
+    if args.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise DrllmConfigError(
+            f"--scheduler-cls {args.scheduler_cls} conflicts with the Dr.LLM "
+            f"scheduler {SCHEDULER_CLS}; leave it unset"
+        )
+    args.enable_prefix_caching = False
+    args.enable_chunked_prefill = False
+    args.worker_cls = WORKER_CLS[device]
+    args.scheduler_cls = SCHEDULER_CLS
+    return [
+        "prefix caching off",
+        "chunked prefill off",
+        f"worker {args.worker_cls}",
+        f"scheduler {args.scheduler_cls}",
+    ]
+
+
+def _wrap_create_engine_config(orig):
+    @functools.wraps(orig)
+    def create_engine_config(self, *a, **kw):
+        config = dr_checkpoint_config(self.model, self.hf_overrides)
+        if config is None:
+            return orig(self, *a, **kw)
+        from .checkpoint import validate_checkpoint
+
+        drllm = validate_checkpoint(Path(self.model), config)
+        settings = _apply_engine_settings(self)
+        vllm_config = orig(self, *a, **kw)
+        sched = vllm_config.scheduler_config
+        if sched.max_num_batched_tokens < vllm_config.model_config.max_model_len:
+            raise DrllmConfigError(
+                f"max_num_batched_tokens={sched.max_num_batched_tokens} is below "
+                f"max_model_len={vllm_config.model_config.max_model_len}: a whole "
+                f"prompt must fit in one step; raise it or lower --max-model-len"
+            )
+        settings.append(f"max_num_batched_tokens {sched.max_num_batched_tokens}")
+        logger.info(
+            "Dr.LLM checkpoint %s: %d routers (%s), windows=%d, repeat layers %s; "
+            "in force: %s",
+            self.model, config["num_hidden_layers"],
+            "trained" if drllm.trained else "UNTRAINED (deterministic init)",
+            drllm.num_windows, list(drllm.repeat_layers) or "none", ", ".join(settings),
+        )
+        return vllm_config
+
+    create_engine_config._drllm = True
+    return create_engine_config
+
+
+# -- request validation ----------------------------------------------------
+def _wrap_validate_params(orig):
+    @functools.wraps(orig)
+    def _validate_params(self, params, supported_tasks):
+        result = orig(self, params, supported_tasks)
+        hf_config = self.model_config.hf_config
+        archs = getattr(hf_config, "architectures", None) or []
+        if archs and archs[0] in ARCHITECTURES and hasattr(params, "extra_args"):
+            from vllm.exceptions import VLLMValidationError
+
+            try:
+                parse_controls(
+                    params.extra_args, hf_config.num_hidden_layers, _drllm_of(hf_config)
+                )
+            except ValueError as e:
+                raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+        return result
+
+    _validate_params._drllm = True
+    return _validate_params
+
+
+@functools.lru_cache(maxsize=8)
+def _drllm_cached(block_json: str):
+    return parse_drllm_block(SimpleNamespace(drllm=json.loads(block_json), num_hidden_layers=10**9))
+
+
+def _drllm_of(hf_config):
+    return _drllm_cached(json.dumps(hf_config.drllm, sort_keys=True))
+
+
+def install() -> None:
+    """Wrap the two front-end entry points (idempotent)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if not getattr(EngineArgs.create_engine_config, "_drllm", False):
+        EngineArgs.create_engine_config = _wrap_create_engine_config(
+            EngineArgs.create_engine_config
+        )
+    if not getattr(InputProcessor._validate_params, "_drllm", False):
+        InputProcessor._validate_params = _wrap_validate_params(
+            InputProcessor._validate_params
+        )
+
+
+# -- model runner ----------------------------------------------------------
+class DrRunnerMixin:
+    """Gives a Dr.LLM model its StepBatch and remembers request schedules."""
+
+    def _drllm_setup(self) -> None:
+        self._drllm_schedules: dict[str, Schedule] = {}  # live requests
+        self._drllm_decided: dict[str, Schedule] = {}  # to report this step
+
+    def _model_forward(self, input_ids=None, positions=None, **kwargs):
+        model = self.get_model()
+        if not hasattr(model, "drllm"):
+            return super()._model_forward(input_ids=input_ids, positions=positions, **kwargs)
+        model.drllm_step = self._drllm_step(model)
+        try:
+            return super()._model_forward(input_ids=input_ids, positions=positions, **kwargs)
+        finally:
+            step, model.drllm_step = model.drllm_step, None
+            if step is not None and step.to_route:
+                decided = step.decided()
+                self._drllm_schedules.update(decided)
+                self._drllm_decided.update(decided)
+
+    def _drllm_step(self, model) -> StepBatch | None:
+        n = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:n]
+        num_layers = model.num_layers
+        query_start = self.query_start_loc.cpu[: n + 1].numpy().copy()
+        schedules: list[Schedule | None] = []
+        to_route: list[RouteRequest] = []
+        for row, rid in enumerate(req_ids):
+            schedule = self._drllm_schedules.get(rid)
+            if schedule is None:
+                schedule = self._first_sight(model, row, rid, query_start, to_route)
+            schedules.append(schedule)
+        full = full_schedule(num_layers)
+        if not to_route and all(s == full for s in schedules):
+            return None  # every row runs every layer: the plain loop, no overhead
+        return StepBatch(
+            req_ids=list(req_ids),
+            query_start=query_start,
+            schedules=schedules,
+            to_route=to_route,
+            attention_for_rows=self._attention_for_rows_factory(),
+            num_layers=num_layers,
+        )
+
+    def _first_sight(self, model, row, rid, query_start, to_route) -> Schedule | None:
+        """A request's first step: fix its schedule now or route it."""
+        state = self.requests[rid]
+        controls = parse_controls(
+            state.sampling_params.extra_args, model.num_layers, model.drllm
+        )
+        if controls.mode == "full":
+            schedule = full_schedule(model.num_layers)
+        elif controls.mode == "schedule":
+            schedule = controls.schedule
+        else:
+            num_prompt = len(state.prompt_token_ids)
+            if self.input_batch.num_computed_tokens_cpu[row] != 0:
+                raise RuntimeError(
+                    f"request {rid} reached routing with computed tokens; "
+                    f"routers need its whole prompt in one step"
+                )
+            route_tokens = min(controls.route_tokens or num_prompt, num_prompt)
+            to_route.append(RouteRequest(row, controls.bias, route_tokens))
+            return None
+        self._drllm_schedules[rid] = schedule
+        self._drllm_decided[rid] = schedule
+        return schedule
+
+    def _attention_for_rows_factory(self):
+        """Per-step cache of attention metadata for row subsets."""
+        from vllm.forward_context import get_forward_context
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        if len(self.kv_cache_config.kv_cache_groups) != 1:
+            raise DrllmConfigError(
+                "Dr.LLM supports models with one KV cache group (uniform attention)"
+            )
+        n = self.input_batch.num_reqs
+        qsl = self.query_start_loc.cpu[: n + 1]
+        seq_lens = self.seq_lens[:n]
+        seq_lens_cpu = self.optimistic_seq_lens_cpu[:n]
+        block_table = self.input_batch.block_table[0].get_device_tensor(n)
+        group = self.attn_groups[0][0]
+        cache: dict[tuple[int, ...], tuple[Any, torch.Tensor]] = {}
+
+        def build(rows: tuple[int, ...], full_slots: torch.Tensor):
+            r = torch.tensor(rows, dtype=torch.long)
+            q_lens = (qsl[1:] - qsl[:-1])[r]
+            new_qsl = torch.zeros(len(rows) + 1, dtype=qsl.dtype)
+            torch.cumsum(q_lens, 0, out=new_qsl[1:])
+            tok = torch.cat([torch.arange(int(qsl[i]), int(qsl[i + 1])) for i in rows])
+            slots = full_slots[tok.to(full_slots.device)]
+            sl = seq_lens[r.to(seq_lens.device)]
+            cm = CommonAttentionMetadata(
+                query_start_loc=new_qsl.to(self.device),
+                query_start_loc_cpu=new_qsl,
+                seq_lens=sl,
+                seq_lens_cpu_upper_bound=seq_lens_cpu[r],
+                num_reqs=len(rows),
+                num_actual_tokens=int(tok.numel()),
+                max_query_len=int(q_lens.max()),
+                max_seq_len=int(seq_lens_cpu[r].max()),
+                block_table_tensor=block_table[r.to(block_table.device)],
+                slot_mapping=slots,
+                causal=True,
+            )
+            return group.build_metadata(cm), slots
+
+        @contextmanager
+        def attention_for_rows(rows: tuple[int, ...], layer_name: str):
+            ctx = get_forward_context()
+            meta = ctx.attn_metadata
+            slot_map = ctx.slot_mapping
+            if rows not in cache:
+                cache[rows] = build(rows, slot_map[layer_name])
+            old = meta[layer_name], slot_map[layer_name]
+            meta[layer_name], slot_map[layer_name] = cache[rows]
+            try:
+                yield
+            finally:
+                meta[layer_name], slot_map[layer_name] = old
+
+        return attention_for_rows
+
+    def _on_request_state_removed(self, req_id, req_state) -> None:
+        self._drllm_schedules.pop(req_id, None)
+        super()._on_request_state_removed(req_id, req_state)
+
+    def sample_tokens(self, grammar_output):
+        out = super().sample_tokens(grammar_output)
+        if self._drllm_decided and out is not None and hasattr(out, "req_ids"):
+            out.drllm_schedules = self._drllm_decided
+            self._drllm_decided = {}
+        return out
+
+
+def _runner_class(base: type) -> type:
+    class Runner(DrRunnerMixin, base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._drllm_setup()
+
+    Runner.__name__ = Runner.__qualname__ = f"Dr{base.__name__}"
+    return Runner
+
+
+def _worker_class(base: type, runner_base: type, runner_module) -> type:
+    runner_cls = _runner_class(runner_base)
+
+    class Worker(base):
+        def init_device(self):
+            # the stock init_device builds the stock runner; build ours instead
+            original = getattr(runner_module, runner_base.__name__)
+            setattr(runner_module, runner_base.__name__, runner_cls)
+            try:
+                super().init_device()
+            finally:
+                setattr(runner_module, runner_base.__name__, original)
+
+    Worker.__name__ = Worker.__qualname__ = f"Dr{base.__name__}"
+    return Worker
+
+
+def _cpu_worker():
+    from vllm.v1.worker import cpu_worker
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    return _worker_class(cpu_worker.CPUWorker, CPUModelRunner, cpu_worker)
+
+
+def _gpu_worker():
+    # Model Runner V1 only (set VLLM_USE_V2_MODEL_RUNNER=0); not tested in CI.
+    from vllm.v1.worker import gpu_worker
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return _worker_class(gpu_worker.Worker, GPUModelRunner, gpu_worker)
+
+
+def __getattr__(name: str):
+    # worker classes are built on first use so importing hooks stays cheap
+    if name == "DrCPUWorker":
+        return _cpu_worker()
+    if name == "DrGPUWorker":
+        return _gpu_worker()
+    raise AttributeError(name)
+
+
+# -- scheduler -------------------------------------------------------------
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+
+
+class DrScheduler(Scheduler):
+    """Keeps each request's schedule; returns it with the final output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._drllm_schedules: dict[str, Schedule] = {}
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        decided = getattr(model_runner_output, "drllm_schedules", None)
+        if decided:
+            self._drllm_schedules.update(decided)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _free_request(self, request, *args, **kwargs):
+        kv_params, ec_params = super()._free_request(request, *args, **kwargs)
+        schedule = self._drllm_schedules.pop(request.request_id, None)
+        if schedule is not None:
+            kv_params = {**(kv_params or {}), OUTPUT_KEY: report(schedule)}
+        return kv_params, ec_params
+
+
+def report(schedule: Schedule) -> dict[str, Any]:
+    return {"schedule": list(schedule), "layer_applications": sum(schedule)}

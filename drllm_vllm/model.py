@@ -1,0 +1,182 @@
+"""Dr.LLM model wrappers: vLLM's in-tree causal LMs plus routers.
+
+Each Dr* class is the stock vLLM class with three additions:
+- `model.routers.{i}`: one router per decoder layer (loaded from the
+  checkpoint's router file like any other weight);
+- `model.repeat_attn[i]`: a second, virtual attention layer for each layer
+  that may repeat, so the second pass has its own KV cache;
+- a forward that walks the layers under each row's schedule, running each
+  layer only on the rows that execute it.
+The routed loop runs eagerly (it branches on data); see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from . import kernels
+from .batch import StepBatch
+from .config import parse_drllm_block
+from .router import Router, decide
+
+
+def _virtual_attention(attn: Attention, layer_name: str) -> Attention:
+    """An Attention like `attn` with its own name, hence its own KV cache."""
+    from vllm.config import get_current_vllm_config
+
+    vllm_config = get_current_vllm_config()
+    return Attention(
+        num_heads=attn.num_heads,
+        head_size=attn.head_size,
+        scale=attn.impl.scale,
+        num_kv_heads=attn.num_kv_heads,
+        cache_config=vllm_config.cache_config,
+        quant_config=attn.quant_config,
+        per_layer_sliding_window=attn.sliding_window,
+        prefix=layer_name,
+    )
+
+
+class DrModelMixin:
+    """Routers, repeat attention and the routed layer loop for a causal LM."""
+
+    drllm_step: StepBatch | None = None
+
+    def _init_drllm(self, vllm_config: VllmConfig, prefix: str) -> None:
+        config = vllm_config.model_config.hf_config
+        self.drllm = parse_drllm_block(config)
+        router_path = Path(vllm_config.model_config.model) / self.drllm.router_file
+        if Path(vllm_config.model_config.model).is_dir() and not router_path.exists():
+            raise ValueError(
+                f"router file {router_path} is missing: the checkpoint's drllm."
+                f"router_file names it; rebuild the checkpoint with `drllm prepare`"
+            )
+        n = config.num_hidden_layers
+        self.num_layers = n
+        self.model.routers = nn.ModuleList(
+            Router(config.hidden_size, self.drllm.bottleneck).float() for _ in range(n)
+        )
+        base = f"{prefix}." if prefix else ""
+        self.model.repeat_attn = nn.ModuleDict(
+            {
+                str(i): _virtual_attention(
+                    self.model.layers[i].self_attn.attn,
+                    # one integer per name, distinct from the real layers' indices
+                    f"{base}model.repeat_layers.{n + i}.attn",
+                )
+                for i in self.drllm.repeat_layers
+            }
+        )
+
+    # -- forward ---------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        model = self.model
+        hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(
+            input_ids
+        )
+        residual = None
+        step = self.drllm_step
+        for i, layer in enumerate(model.layers):
+            if step is None:  # profiling and dummy runs: every layer, every row
+                hidden, residual = layer(positions, hidden, residual)
+                continue
+            if step.to_route:
+                self._route_layer(i, step, hidden, residual)
+            for repeat_pass in (False, True):
+                rows = step.rows_running(i, repeat_pass)
+                if not rows:
+                    continue
+                if residual is None and rows != step.all_rows:
+                    residual = torch.zeros_like(hidden)  # stream = hidden + 0
+                hidden, residual = self._run_layer(
+                    i, repeat_pass, rows, step, positions, hidden, residual
+                )
+        if residual is None:
+            return model.norm(hidden)
+        hidden, _ = model.norm(hidden, residual)
+        return hidden
+
+    def _run_layer(self, i, repeat_pass, rows, step, positions, hidden, residual):
+        layer = self.model.layers[i]
+        attn = self.model.repeat_attn[str(i)] if repeat_pass else None
+        with _swapped_attention(layer, attn):
+            if rows == step.all_rows:
+                return layer(positions, hidden, residual)
+            name = layer.self_attn.attn.layer_name
+            tok = step.token_index(rows)
+            with step.attention_for_rows(rows, name):
+                h, r = layer(positions[tok], hidden[tok], residual[tok])
+            hidden = hidden.index_copy(0, tok, h)
+            residual = residual.index_copy(0, tok, r)
+            return hidden, residual
+
+    @torch.no_grad()
+    def _route_layer(self, i: int, step: StepBatch, hidden, residual) -> None:
+        """Fix layer i's action for the rows being routed in this step."""
+        starts = torch.tensor(
+            [int(step.query_start[r.row]) for r in step.to_route], dtype=torch.int64
+        )
+        lengths = torch.tensor(
+            [
+                min(r.route_tokens, int(step.query_start[r.row + 1] - step.query_start[r.row]))
+                for r in step.to_route
+            ],
+            dtype=torch.int64,
+        )
+        router = self.model.routers[i]
+        logits, _ = kernels.route_logits(
+            hidden, starts, lengths, self.drllm.num_windows,
+            router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias,
+            residual=residual,
+        )
+        bias = torch.tensor([r.bias for r in step.to_route], dtype=torch.float32)
+        actions = decide(logits, bias, may_repeat=str(i) in self.model.repeat_attn)
+        for r, a in zip(step.to_route, actions.tolist()):
+            step.actions[r.row, i] = a
+
+
+@contextmanager
+def _swapped_attention(layer: nn.Module, attn: Attention | None):
+    """Run `layer` with its attention replaced by the virtual repeat layer."""
+    if attn is None:
+        yield
+        return
+    own = layer.self_attn.attn
+    layer.self_attn.attn = attn
+    try:
+        yield
+    finally:
+        layer.self_attn.attn = own
+
+
+def _dr_class(base: type) -> type:
+    class Dr(DrModelMixin, base):
+        def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self._init_drllm(vllm_config, prefix)
+
+    Dr.__name__ = Dr.__qualname__ = f"Dr{base.__name__}"
+    return Dr
+
+
+DrLlamaForCausalLM = _dr_class(LlamaForCausalLM)
+DrQwen2ForCausalLM = _dr_class(Qwen2ForCausalLM)
+DrQwen3ForCausalLM = _dr_class(Qwen3ForCausalLM)
+
+__all__ = ["DrLlamaForCausalLM", "DrQwen2ForCausalLM", "DrQwen3ForCausalLM"]
