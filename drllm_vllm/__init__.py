@@ -24,3 +24,14 @@ def register() -> None:
             ModelRegistry.register_model(arch, f"drllm_vllm.model:{arch}")
     hooks.install()
     _registered = True
+
+
+def schedule_of(output) -> tuple[int, ...] | None:
+    """The schedule a finished request ran, from its vLLM RequestOutput.
+
+    The scheduler returns it in `output.kv_transfer_params["drllm"]`, the one
+    free-form field that travels from the engine to RequestOutput and to the
+    OpenAI responses; `layer_applications` there is its sum.
+    """
+    report = (getattr(output, "kv_transfer_params", None) or {}).get("drllm")
+    return tuple(report["schedule"]) if report else None

@@ -85,11 +85,15 @@ def _apply_engine_settings(args) -> list[str]:
         )
     args.enable_prefix_caching = False
     args.enable_chunked_prefill = False
+    # The routed layer loop branches on data, so it always runs eagerly;
+    # compiling (and its warm-up) would only cost start-up time.
+    args.enforce_eager = True
     args.worker_cls = WORKER_CLS[device]
     args.scheduler_cls = SCHEDULER_CLS
     return [
         "prefix caching off",
         "chunked prefill off",
+        "eager execution",
         f"worker {args.worker_cls}",
         f"scheduler {args.scheduler_cls}",
     ]

@@ -1,0 +1,59 @@
+"""Shared fixtures: one real engine per checkpoint for the whole session.
+
+Engines are expensive (tens of seconds each on 2 cores), so every test that
+can use the default Dr.LLM engine shares `dr_llm`; tests that need other
+settings build theirs once per module.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MAX_MODEL_LEN = 512
+
+
+def make_llm(model: str, **kwargs):
+    from vllm import LLM
+
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("max_model_len", MAX_MODEL_LEN)
+    kwargs.setdefault("seed", 0)
+    return LLM(model=str(model), **kwargs)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    from drllm_vllm.checkpoint import prepare
+
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def dr_llm(checkpoint):
+    llm = make_llm(checkpoint)
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="session")
+def oracle(checkpoint):
+    from drllm_vllm.reference import Reference
+
+    return Reference(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(dr_llm):
+    return dr_llm.get_tokenizer()
