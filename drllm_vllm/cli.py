@@ -1,0 +1,74 @@
+"""The `drllm` command (also `python -m drllm_vllm.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_prepare(args) -> None:
+    from .checkpoint import prepare
+
+    path = prepare(args.model, args.out)
+    print(path)  # last line of stdout: scripts rely on it
+
+
+def cmd_generate(args) -> None:
+    """Run the default Dr.LLM model on prompts and show each schedule."""
+    from vllm import LLM, SamplingParams
+
+    from . import schedule_of
+    from .checkpoint import prepare
+    from .schedule import ACTION_NAMES, layer_applications
+
+    model = args.checkpoint or str(prepare(args.model))
+    extra = {"drllm_mode": args.mode, "drllm_bias": args.bias}
+    if args.schedule:
+        extra["drllm_schedule"] = json.loads(args.schedule)
+    llm = LLM(model=model, max_model_len=args.max_model_len, dtype=args.dtype)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, extra_args=extra)
+    messages = [[{"role": "user", "content": p}] for p in args.prompts]
+    for prompt, out in zip(args.prompts, llm.chat(messages, sampling, use_tqdm=False)):
+        schedule = schedule_of(out)
+        counts = {n: schedule.count(a) for a, n in enumerate(ACTION_NAMES)}
+        print(f"\n>>> {prompt}\n{out.outputs[0].text.strip()}")
+        print(f"schedule {''.join(map(str, schedule))}  {counts}  "
+              f"{layer_applications(schedule)}/{len(schedule)} layer applications per token")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="drllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build (or find cached) a Dr.LLM checkpoint")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--out", default=None, help="checkpoint directory (default: cache)")
+    p.set_defaults(func=cmd_prepare)
+
+    g = sub.add_parser("generate", help="chat with a Dr.LLM model, print schedules")
+    g.add_argument("prompts", nargs="*", default=[
+        "What is the capital of France?",
+        "Write one sentence about the sea.",
+        "What is 7 times 8?",
+    ])
+    g.add_argument("--model", default="smollm2-135m-instruct")
+    g.add_argument("--checkpoint", default=None, help="a Dr.LLM checkpoint directory")
+    g.add_argument("--mode", default="routed", choices=["routed", "full", "schedule"])
+    g.add_argument("--schedule", default=None, help="JSON list of L actions (0/1/2)")
+    g.add_argument("--bias", type=float, default=0.0, help="post-hoc knob in [-1, 1]")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--max-model-len", type=int, default=2048)
+    g.add_argument("--dtype", default="bfloat16")
+    g.set_defaults(func=cmd_generate)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"drllm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
