@@ -59,17 +59,20 @@ def decide(
 
     The knob mixes the router's distribution with a one-hot one:
     q = (1-|p|) softmax(logits) + |p| onehot(skip if p < 0 else repeat).
-    Repeat is excluded where the layer may not repeat. Ties go to the lower
-    class, like torch.argmax.
+    Repeat is excluded where the layer may not repeat (a positive bias then
+    leaves the decision to the router). Ties go to the lower class, like
+    torch.argmax.
     """
     probs = torch.softmax(logits.float(), dim=-1)
     p = torch.as_tensor(bias, dtype=probs.dtype, device=probs.device)
     p = p.expand(probs.shape[:-1]).unsqueeze(-1)
     target = torch.zeros_like(probs)
     target[..., SKIP] = (p[..., 0] < 0).to(probs.dtype)
-    target[..., REPEAT] = (p[..., 0] > 0).to(probs.dtype)
-    q = (1 - p.abs()) * probs + p.abs() * target
-    q = torch.where(p == 0, logits.float(), q)  # p = 0: the routers' own argmax
+    if may_repeat:
+        target[..., REPEAT] = (p[..., 0] > 0).to(probs.dtype)
+    mixed = (1 - p.abs()) * probs + p.abs() * target
+    # no target (p = 0, or repeat not allowed): the routers' own argmax
+    q = torch.where(target.sum(-1, keepdim=True) > 0, mixed, logits.float())
     if not may_repeat:
         q = q[..., :REPEAT]
     return q.argmax(dim=-1)

@@ -1,0 +1,62 @@
+"""Pure maths against hand-computed answers: windows, decisions, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from drllm_vllm.config import DrConfig, parse_controls
+from drllm_vllm.router import decide, num_windows_for, window_means
+from drllm_vllm.schedule import check_schedule, path_to_schedule, schedule_to_path
+
+
+def test_window_split_drops_the_leftover_and_clamps_w():
+    assert num_windows_for(10, 4) == (4, 2)  # tokens 8, 9 dropped
+    assert num_windows_for(3, 8) == (3, 1)  # W clamped to T
+    x = torch.arange(10.0)[:, None]
+    assert window_means(x, 4)[:, 0].tolist() == [0.5, 2.5, 4.5, 6.5]
+
+
+def test_decide_bias_knob_known_answers():
+    logits = torch.tensor([[0.0, 1.0, 0.5]])  # softmax ~ [0.19, 0.51, 0.31]
+    assert decide(logits, 0.0, True).item() == 1
+    assert decide(logits, -1.0, True).item() == 0
+    assert decide(logits, 1.0, True).item() == 2
+    # p = -0.4: q_skip = 0.6*0.186 + 0.4 = 0.51 > q_exec = 0.6*0.506 = 0.30
+    assert decide(logits, -0.4, True).item() == 0
+    # p = -0.2: q_skip = 0.8*0.186 + 0.2 = 0.35 < q_exec = 0.8*0.506 = 0.40
+    assert decide(logits, -0.2, True).item() == 1
+    # repeat not allowed: a positive bias leaves the router's choice
+    assert decide(torch.tensor([[0.0, 0.1, 5.0]]), 1.0, False).item() == 1
+    # per-row biases
+    assert decide(logits.repeat(2, 1), torch.tensor([0.0, -1.0]), True).tolist() == [1, 0]
+
+
+def test_schedule_path_round_trip():
+    s = (1, 0, 2, 1)
+    assert schedule_to_path(s) == (0, 2, 2, 3)
+    assert path_to_schedule((0, 2, 2, 3), 4) == s
+    with pytest.raises(ValueError, match="not an ordered path"):
+        path_to_schedule((0, 0, 0, 1), 4)
+
+
+def test_check_schedule_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"drllm_schedule\[2\] = 3"):
+        check_schedule([1, 1, 3], 3)
+    with pytest.raises(ValueError, match=r"layer 0 may not repeat.*\[1\]"):
+        check_schedule([2, 1, 1], 3, repeat_layers=[1])
+    with pytest.raises(ValueError, match=r"drllm_schedule\[0\] = True"):
+        check_schedule([True, 1, 1], 3)
+
+
+@pytest.mark.parametrize("bias", [math.nan, math.inf, -1.5, True])
+def test_controls_reject_bad_bias(bias):
+    with pytest.raises(ValueError, match="drllm_bias"):
+        parse_controls({"drllm_bias": bias}, 4, DrConfig())
+
+
+def test_controls_defaults_come_from_the_checkpoint():
+    c = parse_controls(None, 4, DrConfig(default_mode="full", default_bias=-0.3))
+    assert (c.mode, c.bias, c.schedule) == ("full", -0.3, None)
