@@ -7,23 +7,22 @@ gelu_tanh(m @ w1.T + b1) @ w2.T + b2, averaged over the windows -> [3];
 the decision is their argmax (0 skip, 1 execute, 2 repeat).
 
 The work is almost all in reading x: 2*d bytes per row (4*d with a residual)
-against about 3*128*d flops per *window*. So the Triton path is a streaming
-reduction that reads every element once and spreads long sequences over the
-whole GPU, followed by tiny stages for the MLP:
+against about 3*128*d flops per *window*. So the Triton kernel is a streaming
+reduction that reads every element once and spreads even a single 32k-token
+prompt over the whole GPU; the MLP rides on its tail, in the same launch
+(one launch matters: a router runs per layer, and its host cost adds up):
 
-  1. `_window_sums_kernel` (long inputs only): one program per
-     (sequence, window, chunk of rows, block of columns) writes an fp32
-     partial sum. Chunks are sized so the grid fills every SM even for a
-     single 32k-token prompt.
-  2. `_window_project_kernel`: one program per (sequence, column split) sums
-     the partials of its columns (or, for short inputs, pools the rows
-     itself, saving a launch) and multiplies by its slice of w1, giving a
-     partial pre-activation [windows, 128].
-  3. `_router_head_kernel` (only when the columns were split): adds the
-     splits, then bias, GELU, the 128->3 layer, the mean over windows and
-     the argmax. With one split, stage 2 does this itself.
+  * every program sums one chunk of rows of one window over BLOCK_D columns
+    and writes an fp32 partial sum;
+  * the last program to finish a (sequence, column split) -- counted with an
+    atomic -- adds that split's partials and multiplies by its slice of w1,
+    giving a partial pre-activation [windows, 128];
+  * the last split of a sequence to finish adds the splits and applies bias,
+    GELU, the 128->3 layer, the mean over windows and the argmax.
 
-Every reduction has a fixed order, so results are bitwise reproducible.
+Sums run in a fixed order, so results are bitwise reproducible. The arrival
+counters live in a per-device buffer that the last arrivers reset to zero,
+so concurrent calls on different streams of one device are not supported.
 """
 
 import dataclasses
@@ -142,25 +141,26 @@ def _router_head(
 
 
 @triton.jit
-def _window_sums_kernel(
-    hidden, residual, starts, lengths, partial,
-    stride_h, stride_r, d, num_windows, num_chunks, chunk_rows,
+def _route_logits_kernel(
+    hidden, residual, starts, lengths, partial, preact, counters,
+    w1, b1, w2, b2, logits, decisions,
+    stride_h, stride_r, stride_w1, stride_w2, d, num_windows, num_chunks, chunk_rows,
+    blocks_per_split, num_splits,
     HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr, WIN_PAD: tl.constexpr, HIDDEN: tl.constexpr,
 ):
-    """partial[(s*W + w)*num_chunks + c, :] = sum of chunk c of window w of s.
-
-    Program (pid, pid_d): one chunk of one window, BLOCK_D columns. The
-    [BLOCK_T, BLOCK_D] accumulator is reduced over rows once, at the end.
-    """
+    """Program (s * W * num_chunks + w * num_chunks + c, column block)."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     chunk = pid % num_chunks
     window = (pid // num_chunks) % num_windows
     s = pid // (num_chunks * num_windows)
-    length = tl.load(lengths + s)
+    length = tl.load(lengths + s).to(tl.int32)
     windows_here = tl.minimum(length, num_windows)
-    if window < windows_here:  # programs past a short sequence's windows idle
-        per_window = length // windows_here
+    per_window = length // windows_here
+
+    # 1. partial sum of this chunk's rows (programs past a short sequence's windows idle)
+    if window < windows_here:
         first_row = tl.load(starts + s).to(tl.int64) + window * per_window
         lo = chunk * chunk_rows
         hi = tl.minimum(lo + chunk_rows, per_window)
@@ -179,93 +179,62 @@ def _window_sums_kernel(
             acc += x
         tl.store(partial + pid.to(tl.int64) * d + offs_d, tl.sum(acc, axis=0), mask=d_mask)
 
-
-@triton.jit
-def _window_project_kernel(
-    hidden, residual, partial, starts, lengths, w1, b1, w2, b2, preact, logits, decisions,
-    stride_h, stride_r, stride_w1, stride_w2, d, num_windows, num_chunks, cols_per_split,
-    POOL_INLINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_HEAD: tl.constexpr,
-    WIN_PAD: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Window means of columns [split] times w1[:, split] -> [WIN_PAD, HIDDEN].
-
-    Program (s, split). The means come from stage 1's partials, or, with
-    POOL_INLINE, straight from the rows (short inputs: one launch fewer).
-    """
-    s = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    length = tl.load(lengths + s)
-    windows_here = tl.minimum(length, num_windows)
-    per_window = length // windows_here
-    win = tl.arange(0, WIN_PAD)
-    hid = tl.arange(0, HIDDEN)
-    offs_t = tl.arange(0, BLOCK_T)
-    z = tl.zeros([WIN_PAD, HIDDEN], dtype=tl.float32)
-    col_lo = split * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, d)
-    for d0 in range(col_lo, col_hi, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < col_hi
-        m = tl.zeros([WIN_PAD, BLOCK_D], dtype=tl.float32)
-        if POOL_INLINE:
-            first_row = tl.load(starts + s).to(tl.int64)
-            for w in range(0, windows_here):
-                acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-                for t in range(0, per_window, BLOCK_T):
-                    rows = first_row + w * per_window + t + offs_t
-                    mask = ((t + offs_t) < per_window)[:, None] & d_mask[None, :]
-                    x = tl.load(hidden + rows[:, None] * stride_h + offs_d[None, :], mask=mask,
-                                other=0.0, eviction_policy="evict_first").to(tl.float32)
-                    if HAS_RESIDUAL:
-                        x += tl.load(residual + rows[:, None] * stride_r + offs_d[None, :], mask=mask,
-                                     other=0.0, eviction_policy="evict_first").to(tl.float32)
-                    acc += x
-                m = tl.where((win == w)[:, None], tl.sum(acc, axis=0)[None, :], m)
-        else:
-            slot = (s * num_windows + win).to(tl.int64) * num_chunks
-            mask = (win < windows_here)[:, None] & d_mask[None, :]
+    # 2. the last program of this (sequence, column split) projects the split
+    split = pid_d // blocks_per_split
+    d_blocks = tl.cdiv(d, BLOCK_D)
+    blocks_here = tl.minimum(blocks_per_split, d_blocks - split * blocks_per_split)
+    tl.debug_barrier()  # the whole program's partial is stored before it is counted
+    arrived = tl.atomic_add(counters + s * num_splits + split, 1, sem="acq_rel")
+    if arrived == num_windows * num_chunks * blocks_here - 1:
+        tl.store(counters + s * num_splits + split, 0)  # ready for the next call
+        win = tl.arange(0, WIN_PAD)
+        hid = tl.arange(0, HIDDEN)
+        slot = (s * num_windows + win).to(tl.int64) * num_chunks
+        win_mask = win < windows_here
+        z = tl.zeros([WIN_PAD, HIDDEN], dtype=tl.float32)
+        col_lo = split * blocks_per_split * BLOCK_D
+        col_hi = tl.minimum(col_lo + blocks_per_split * BLOCK_D, d)
+        for d0 in range(col_lo, col_hi, BLOCK_DP):
+            offs_p = d0 + tl.arange(0, BLOCK_DP)
+            p_mask = offs_p < col_hi
+            m = tl.zeros([WIN_PAD, BLOCK_DP], dtype=tl.float32)
             for c in range(0, num_chunks):
-                m += tl.load(partial + (slot + c)[:, None] * d + offs_d[None, :], mask=mask, other=0.0)
-        m = m / per_window.to(tl.float32)
-        w1_t = tl.load(w1 + hid[None, :] * stride_w1 + offs_d[:, None], mask=d_mask[:, None],
-                       other=0.0).to(tl.float32)  # [BLOCK_D, HIDDEN]
-        z += tl.dot(m, w1_t, input_precision="ieee")
-    if APPLY_HEAD:
-        _router_head(z, s, windows_here, b1, w2, b2, logits, decisions, stride_w2, WIN_PAD, HIDDEN)
-    else:
-        out = preact + (s * num_splits + split).to(tl.int64) * (WIN_PAD * HIDDEN)
-        tl.store(out + win[:, None] * HIDDEN + hid[None, :], z)
-
-
-@triton.jit
-def _router_head_kernel(
-    preact, lengths, b1, w2, b2, logits, decisions, stride_w2, num_windows, num_splits,
-    WIN_PAD: tl.constexpr, HIDDEN: tl.constexpr,
-):
-    """Adds the column splits of stage 2 and applies the head, one program per sequence."""
-    s = tl.program_id(0)
-    windows_here = tl.minimum(tl.load(lengths + s), num_windows)
-    offs = tl.arange(0, WIN_PAD)[:, None] * HIDDEN + tl.arange(0, HIDDEN)[None, :]
-    z = tl.zeros([WIN_PAD, HIDDEN], dtype=tl.float32)
-    for i in range(0, num_splits):
-        z += tl.load(preact + (s * num_splits + i).to(tl.int64) * (WIN_PAD * HIDDEN) + offs)
-    _router_head(z, s, windows_here, b1, w2, b2, logits, decisions, stride_w2, WIN_PAD, HIDDEN)
+                m += tl.load(partial + (slot + c)[:, None] * d + offs_p[None, :],
+                             mask=win_mask[:, None] & p_mask[None, :], other=0.0, cache_modifier=".cg")
+            m = m / per_window.to(tl.float32)
+            w1_t = tl.load(w1 + hid[None, :] * stride_w1 + offs_p[:, None], mask=p_mask[:, None],
+                           other=0.0).to(tl.float32)  # [BLOCK_DP, HIDDEN]
+            z += tl.dot(m, w1_t, input_precision="ieee")
+        if num_splits == 1:
+            _router_head(z, s, windows_here, b1, w2, b2, logits, decisions, stride_w2, WIN_PAD, HIDDEN)
+        else:
+            # 3. the last split of the sequence adds the splits and applies the head
+            tile = win[:, None] * HIDDEN + hid[None, :]
+            tl.store(preact + (s * num_splits + split).to(tl.int64) * (WIN_PAD * HIDDEN) + tile, z)
+            num_seqs = tl.num_programs(0) // (num_windows * num_chunks)
+            seq_counter = counters + num_seqs * num_splits + s  # after the split counters
+            tl.debug_barrier()
+            if tl.atomic_add(seq_counter, 1, sem="acq_rel") == num_splits - 1:
+                tl.store(seq_counter, 0)
+                z = tl.zeros([WIN_PAD, HIDDEN], dtype=tl.float32)
+                for i in range(0, num_splits):
+                    z += tl.load(preact + (s * num_splits + i).to(tl.int64) * (WIN_PAD * HIDDEN) + tile,
+                                 cache_modifier=".cg")
+                _router_head(z, s, windows_here, b1, w2, b2, logits, decisions, stride_w2, WIN_PAD, HIDDEN)
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """How route_logits_triton cuts the work; `choose_config` picks one."""
 
-    pool_inline: bool  # pool in stage 2 (no stage 1)
-    num_chunks: int  # row chunks per window in stage 1
+    num_chunks: int  # row chunks per window
     chunk_rows: int
-    num_splits: int  # column splits in stage 2
-    cols_per_split: int
-    block_t: int = 32
-    block_d_pool: int = 128
-    block_d_proj: int = 32
-    num_warps_pool: int = 4
+    blocks_per_split: int  # column blocks per column split of the projection
+    num_splits: int
+    block_t: int = 64
+    block_d: int = 128
+    block_dp: int = 32
+    num_warps: int = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,48 +244,49 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: keep grids small
 
 
-# Inputs of at most this many bytes per (sequence, column split) program are
-# pooled inline by stage 2 (two launches, or one); larger ones go through
-# stage 1. Measured on an H100, see benchmarks/results/kernels_*.md.
-INLINE_MAX_BYTES = 256 * 1024
-# Stage 1 aims for this many programs per SM: enough rows in flight to
-# saturate HBM without making the partial-sum buffer large.
+# Defaults measured on an H100 (benchmarks/kernels.py --tune; see
+# benchmarks/results/kernels_*.md): aim for this many programs per SM, so
+# that enough rows are in flight to saturate HBM without making the
+# partial-sum buffer large; and project at most this many columns per split.
 POOL_PROGRAMS_PER_SM = 8
+COLS_PER_SPLIT = 512
 
 
 def choose_config(
-    num_seqs: int, max_length: int, d: int, num_windows: int, elem_size: int, has_residual: bool,
+    num_seqs: int, max_length: int, d: int, num_windows: int, elem_size: int,
     device: torch.device, **overrides,
 ) -> LaunchConfig:
     """A launch configuration for these sizes (keyword overrides for tuning)."""
-    sms = _num_sms(device)
-    block_t = overrides.get("block_t", 32)
-    block_d_pool = overrides.get("block_d_pool", 256 // elem_size)  # 256 bytes of each row
-    row_bytes = d * elem_size * (2 if has_residual else 1)
-    block_d_proj = overrides.get("block_d_proj", 32)
     per_window = max_length // min(num_windows, max_length)
     windows = min(num_windows, max_length)
-    # column splits for stage 2: enough programs for the GPU when S is small
-    max_splits = triton.cdiv(d, block_d_proj)
-    num_splits = overrides.get("num_splits", max(1, min(max_splits, (2 * sms) // num_seqs)))
-    cols_per_split = triton.cdiv(triton.cdiv(d, num_splits), block_d_proj) * block_d_proj
-    num_splits = triton.cdiv(d, cols_per_split)
-    inline_bytes = windows * per_window * row_bytes * cols_per_split // d
-    pool_inline = overrides.get("pool_inline", inline_bytes <= overrides.get("inline_max_bytes", INLINE_MAX_BYTES))
-    # row chunks for stage 1: fill the GPU, but no chunk shorter than block_t
-    d_blocks = triton.cdiv(d, block_d_pool)
-    target = overrides.get("programs_per_sm", POOL_PROGRAMS_PER_SM) * sms
+    block_t = overrides.get("block_t", 64)
+    # 128 or 64 bytes of each row per program, whichever divides the row
+    block_d = overrides.get("block_d", 256 // elem_size if d % (256 // elem_size) == 0 else 128 // elem_size)
+    d_blocks = triton.cdiv(d, block_d)
+    blocks_per_split = max(1, overrides.get("cols_per_split", COLS_PER_SPLIT) // block_d)
+    num_splits = triton.cdiv(d_blocks, blocks_per_split)
+    # row chunks: fill the GPU, but no chunk shorter than block_t
+    target = overrides.get("programs_per_sm", POOL_PROGRAMS_PER_SM) * _num_sms(device)
     max_chunks = triton.cdiv(per_window, block_t)
     num_chunks = max(1, min(max_chunks, triton.cdiv(target, num_seqs * windows * d_blocks)))
-    chunk_rows = triton.cdiv(triton.cdiv(per_window, num_chunks), block_t) * block_t
-    num_chunks = overrides.get("num_chunks", triton.cdiv(per_window, chunk_rows))
+    num_chunks = overrides.get("num_chunks", num_chunks)
     chunk_rows = triton.cdiv(per_window, num_chunks)
     return LaunchConfig(
-        pool_inline=pool_inline, num_chunks=num_chunks, chunk_rows=chunk_rows,
-        num_splits=num_splits, cols_per_split=cols_per_split, block_t=block_t,
-        block_d_pool=block_d_pool, block_d_proj=block_d_proj,
-        num_warps_pool=overrides.get("num_warps_pool", 4),
+        num_chunks=num_chunks, chunk_rows=chunk_rows, blocks_per_split=blocks_per_split,
+        num_splits=num_splits, block_t=block_t, block_d=block_d,
+        block_dp=overrides.get("block_dp", 32), num_warps=overrides.get("num_warps", 4),
     )
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters, kept per device; every launch leaves them zero."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < size:
+        buf = _counters[device] = torch.zeros(max(size, 1024), device=device, dtype=torch.int32)
+    return buf
 
 
 def route_logits_triton(
@@ -333,8 +303,8 @@ def route_logits_triton(
     max_length: int | None = None,
     config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """route_logits_ref in Triton. Pass max_length (the longest sequence) to
-    skip the one device->host read needed to size the grid."""
+    """route_logits_ref in one Triton launch. Pass max_length (the longest
+    sequence) to skip the one device->host read needed to size the grid."""
     if not HAS_TRITON:
         raise RuntimeError("route_logits_triton needs Triton; use route_logits_ref")
     device = hidden.device
@@ -353,41 +323,23 @@ def route_logits_triton(
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     w1, b1, w2, b2 = w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous()
-    starts, lengths = starts.to(device), lengths.to(device)
+    starts, lengths = starts.to(device), lengths.to(device)  # int32 or int64
     if max_length is None:
         max_length = int(lengths.max())
-    has_residual = residual is not None
-    cfg = config or choose_config(
-        num_seqs, max_length, d, num_windows, hidden.element_size(), has_residual, device
-    )
-    res = residual if has_residual else hidden
+    cfg = config or choose_config(num_seqs, max_length, d, num_windows, hidden.element_size(), device)
     win_pad = max(16, triton.next_power_of_2(num_windows))
-
-    partial = hidden  # unused when pooling inline
-    if not cfg.pool_inline:
-        partial = torch.empty(num_seqs * num_windows * cfg.num_chunks, d, device=device, dtype=torch.float32)
-        grid = (num_seqs * num_windows * cfg.num_chunks, triton.cdiv(d, cfg.block_d_pool))
-        _window_sums_kernel[grid](
-            hidden, res, starts, lengths, partial,
-            hidden.stride(0), res.stride(0), d, num_windows, cfg.num_chunks, cfg.chunk_rows,
-            HAS_RESIDUAL=has_residual, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d_pool,
-            num_warps=cfg.num_warps_pool,
-        )
-    apply_head = cfg.num_splits == 1
-    preact = logits
-    if not apply_head:
-        preact = torch.empty(num_seqs, cfg.num_splits, win_pad, hidden_units, device=device, dtype=torch.float32)
-    _window_project_kernel[(num_seqs, cfg.num_splits)](
-        hidden, res, partial, starts, lengths, w1, b1, w2, b2, preact, logits, decisions,
+    partial = torch.empty(num_seqs * num_windows * cfg.num_chunks, d, device=device, dtype=torch.float32)
+    preact = logits  # unused with one split
+    if cfg.num_splits > 1:
+        preact = torch.empty(num_seqs * cfg.num_splits, win_pad, hidden_units, device=device, dtype=torch.float32)
+    counters = _arrival_counters(device, num_seqs * (cfg.num_splits + 1))
+    res = hidden if residual is None else residual
+    grid = (num_seqs * num_windows * cfg.num_chunks, triton.cdiv(d, cfg.block_d))
+    _route_logits_kernel[grid](
+        hidden, res, starts, lengths, partial, preact, counters, w1, b1, w2, b2, logits, decisions,
         hidden.stride(0), res.stride(0), w1.stride(0), w2.stride(0), d, num_windows,
-        cfg.num_chunks, cfg.cols_per_split,
-        POOL_INLINE=cfg.pool_inline, HAS_RESIDUAL=has_residual, APPLY_HEAD=apply_head,
-        WIN_PAD=win_pad, HIDDEN=hidden_units, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d_proj,
-        num_warps=4,
+        cfg.num_chunks, cfg.chunk_rows, cfg.blocks_per_split, cfg.num_splits,
+        HAS_RESIDUAL=residual is not None, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+        BLOCK_DP=cfg.block_dp, WIN_PAD=win_pad, HIDDEN=hidden_units, num_warps=cfg.num_warps,
     )
-    if not apply_head:
-        _router_head_kernel[(num_seqs,)](
-            preact, lengths, b1, w2, b2, logits, decisions, w2.stride(0), num_windows, cfg.num_splits,
-            WIN_PAD=win_pad, HIDDEN=hidden_units, num_warps=4,
-        )
     return logits, decisions

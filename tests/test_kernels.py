@@ -32,7 +32,7 @@ def _kernels_runnable() -> tuple[bool, str]:
         return True, ""
     from triton.runtime.interpreter import InterpretedFunction
 
-    if isinstance(router_pool._window_sums_kernel, InterpretedFunction):
+    if isinstance(router_pool._route_logits_kernel, InterpretedFunction):
         return True, ""
     return False, (
         "drllm_vllm.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels "
@@ -121,10 +121,10 @@ CASES = {  # name: (lengths, num_windows, d)
     "W=5": ([13, 2, 30], 5, 100),
     "W above 16": ([45, 7], 20, 64),
 }
-PATHS = {  # how the Triton path is cut: None = its own choice
+PATHS = {  # how the Triton kernel cuts the work: None = its own choice
     "auto": None,
-    "inline": dict(pool_inline=True, num_splits=1),
-    "chunked": dict(pool_inline=False, num_chunks=3, num_splits=2),
+    "chunks, many splits": dict(num_chunks=3, block_t=16, cols_per_split=32),
+    "one split": dict(cols_per_split=1 << 16),
 }
 
 
@@ -141,8 +141,7 @@ def test_triton_route_logits_matches_reference(case, with_residual, dtype, path,
     config = None
     if PATHS[path] is not None:
         config = router_pool.choose_config(
-            len(lengths), max(lengths), d, num_windows, hidden.element_size(), with_residual,
-            DEVICE, **PATHS[path])
+            len(lengths), max(lengths), d, num_windows, hidden.element_size(), DEVICE, **PATHS[path])
     out = K.route_logits_triton(hidden, starts, lens, num_windows, *weights, residual, config=config)
     ref = K.route_logits_ref(hidden, starts, lens, num_windows, *weights, residual)
     assert_matches_reference(out, ref, dtype)
@@ -161,14 +160,15 @@ def test_triton_route_logits_long_inputs_on_gpu(lengths, d, poisoned_outputs):
 
 
 @needs_triton
-def test_triton_route_logits_is_deterministic():
+def test_triton_route_logits_is_deterministic_and_leaves_its_counters_zero():
     gen = torch.Generator().manual_seed(1)
     hidden, residual, starts, lens = packed_sequences([50, 7], 100, torch.float32, gen)
     weights = router_weights(100, gen)
-    config = router_pool.choose_config(2, 50, 100, 8, 4, True, DEVICE, pool_inline=False, num_chunks=2)
+    config = router_pool.choose_config(2, 50, 100, 8, 4, DEVICE, num_chunks=2, cols_per_split=32)
     first = K.route_logits_triton(hidden, starts, lens, 8, *weights, residual, config=config)
     again = K.route_logits_triton(hidden, starts, lens, 8, *weights, residual, config=config)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not router_pool._arrival_counters(DEVICE, 1).any()
 
 
 def test_reference_matches_hand_computed_example():
