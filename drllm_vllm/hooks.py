@@ -29,7 +29,7 @@ from .batch import RouteRequest, StepBatch
 from .config import ARCHITECTURES, parse_controls, parse_drllm_block
 from .schedule import Schedule, full_schedule
 
-logger = init_logger("drllm_vllm")
+logger = init_logger("vllm.drllm")  # under "vllm" so vLLM's log config shows it
 
 SCHEDULER_CLS = "drllm_vllm.hooks.DrScheduler"
 WORKER_CLS = {"cpu": "drllm_vllm.hooks.DrCPUWorker", "cuda": "drllm_vllm.hooks.DrGPUWorker"}
