@@ -12,7 +12,8 @@ import os
 import torch
 
 from .dispatch import (
-    TRITON_DISPATCH_WINS,
+    TRITON_GATHER_WINS,
+    TRITON_SCATTER_WINS,
     gather_rows_ref,
     gather_rows_triton,
     scatter_rows_ref_,
@@ -34,6 +35,7 @@ def kernel_choice() -> str:
 
 
 def _use_triton(x: torch.Tensor, triton_wins: bool = True) -> bool:
+    """auto: Triton for CUDA tensors where it measured faster; else as forced."""
     choice = kernel_choice()
     if choice == "auto":
         return HAS_TRITON and x.is_cuda and triton_wins
@@ -65,14 +67,14 @@ def route_logits(
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x[rows] as a new contiguous [R, d] tensor."""
-    if _use_triton(x, TRITON_DISPATCH_WINS):
+    if _use_triton(x, TRITON_GATHER_WINS):
         return gather_rows_triton(x, rows)
     return gather_rows_ref(x, rows)
 
 
 def scatter_rows_(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst[rows] = src in place (rows unique); returns dst."""
-    if _use_triton(dst, TRITON_DISPATCH_WINS):
+    if _use_triton(dst, TRITON_SCATTER_WINS):
         return scatter_rows_triton_(dst, rows, src)
     return scatter_rows_ref_(dst, rows, src)
 

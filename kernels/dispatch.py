@@ -98,6 +98,11 @@ def scatter_rows_triton_(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tenso
     return dst
 
 
-# Which implementation the public functions use on CUDA. Filled in from
-# benchmarks/kernels.py on an H100 (see benchmarks/results/kernels_*.md).
-TRITON_DISPATCH_WINS = True
+# Which implementation the public functions use on CUDA, from
+# benchmarks/kernels.py on an H100 (benchmarks/results/kernels_nvidia_h100_80gb_hbm3.md,
+# bf16, median ms, torch / Triton). Gather: index_select is as fast as Triton
+# (R=32768, d=4096: 0.194 / 0.191; R=4096, d=576: 0.0097 / 0.0108), so torch
+# stays. Scatter: index_copy_ moves twice the time (R=32768, d=4096:
+# 0.417 / 0.192; R=4096, d=576: 0.0140 / 0.0082), so Triton.
+TRITON_GATHER_WINS = False
+TRITON_SCATTER_WINS = True
