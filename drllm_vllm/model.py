@@ -121,9 +121,14 @@ class DrModelMixin:
             name = layer.self_attn.attn.layer_name
             tok = step.token_index(rows)
             with step.attention_for_rows(rows, name):
-                h, r = layer(positions[tok], hidden[tok], residual[tok])
-            hidden = hidden.index_copy(0, tok, h)
-            residual = residual.index_copy(0, tok, r)
+                h, r = layer(
+                    positions[tok],
+                    kernels.gather_rows(hidden, tok),
+                    kernels.gather_rows(residual, tok),
+                )
+            # the gathered rows were copies, so writing back in place is safe
+            kernels.scatter_rows_(hidden, tok, h)
+            kernels.scatter_rows_(residual, tok, r)
             return hidden, residual
 
     @torch.no_grad()

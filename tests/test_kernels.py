@@ -16,6 +16,12 @@ import pytest
 import torch
 
 ON_CUDA = torch.cuda.is_available()
+# Triton's own @jit helpers (tl.sigmoid, ...) are decorated when triton is first
+# imported; if that happened before TRITON_INTERPRET=1 (vLLM imports triton),
+# interpreted kernels cannot call them in this process.
+TRITON_IMPORTED_UNINTERPRETED = (
+    "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+)
 if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -30,6 +36,11 @@ def _kernels_runnable() -> tuple[bool, str]:
         return False, "triton is not importable"
     if ON_CUDA:
         return True, ""
+    if TRITON_IMPORTED_UNINTERPRETED:
+        return False, (
+            "triton was imported (by vLLM) before TRITON_INTERPRET=1 was set; "
+            "test_triton_kernels_in_fresh_process runs the kernel tests"
+        )
     from triton.runtime.interpreter import InterpretedFunction
 
     if isinstance(router_pool._route_logits_kernel, InterpretedFunction):
