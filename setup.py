@@ -25,6 +25,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["drllm = drllm_vllm:register"],
+        # opt-in by vLLM's rule: loaded when VLLM_PLUGINS names "drllm"
+        "vllm.endpoint_plugins": ["drllm = drllm_vllm.serving:DrllmEndpoints"],
         "console_scripts": ["drllm = drllm_vllm.cli:main"],
     },
 )

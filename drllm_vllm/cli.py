@@ -37,6 +37,31 @@ def cmd_generate(args) -> None:
               f"{layer_applications(schedule)}/{len(schedule)} layer applications per token")
 
 
+def cmd_serve(args) -> None:
+    """Prepare the default model (or take --checkpoint) and run `vllm serve` on it."""
+    import os
+    from pathlib import Path
+
+    from .checkpoint import prepare, validate_checkpoint
+
+    model = Path(args.checkpoint or prepare(args.model))
+    config = json.loads((model / "config.json").read_text())
+    drllm = validate_checkpoint(model, config)
+    state = "trained" if drllm.trained else "UNTRAINED (deterministic init; use full/schedule modes)"
+    print(f"drllm serve: model {model}")
+    print(f"drllm serve: routers {model / drllm.router_file}: {config['num_hidden_layers']} "
+          f"layers, {state}, windows={drllm.num_windows}, repeat allowed at "
+          f"{len(drllm.repeat_layers)} layers")
+    print("drllm serve: per request: vllm_xargs drllm_mode/drllm_schedule/drllm_bias; "
+          "schedule in the response's kv_transfer_params.drllm, GET /drllm/requests/{id}, "
+          "GET /drllm/stats, drllm_* on /metrics (settings in force: the 'Dr.LLM "
+          "checkpoint' log line)", flush=True)
+    env = {**os.environ}
+    env.setdefault("VLLM_PLUGINS", "drllm")  # endpoint plugins are opt-in in vLLM
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    os.execve(vllm, [vllm, "serve", str(model), *args.vllm_args], env)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="drllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--dtype", default="bfloat16")
     g.set_defaults(func=cmd_generate)
 
-    args = parser.parse_args(argv)
+    s = sub.add_parser("serve", help="prepare the default model and serve it "
+                       "(OpenAI API); other options go to `vllm serve`")
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--checkpoint", default=None, help="a Dr.LLM checkpoint directory")
+    s.set_defaults(func=cmd_serve)
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.vllm_args = rest
     try:
         args.func(args)
     except ValueError as e:  # bad input: one clear line, no traceback

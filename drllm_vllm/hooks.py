@@ -10,13 +10,19 @@ A vLLM upgrade should need changes here and nowhere else:
   (a StepBatch) and attention metadata for row subsets; schedules decided
   in a step ride back on the ModelRunnerOutput;
 - the scheduler: keeps each request's schedule and returns it with the
-  request's final output in `kv_transfer_params["drllm"]`.
+  request's final output in `kv_transfer_params["drllm"]`; it admits waiting
+  requests grouped by schedule (`grouping.py`; DRLLM_GROUPING=0 turns it off).
+- the front end: OutputProcessor.process_outputs is wrapped to hand each
+  finished request's report to `serving` (aggregates, /metrics); a
+  DrllmConfigError that ends `vllm serve` prints as one line.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,7 +113,10 @@ def _wrap_create_engine_config(orig):
             return orig(self, *a, **kw)
         from .checkpoint import validate_checkpoint
 
-        drllm = validate_checkpoint(Path(self.model), config)
+        try:
+            drllm = validate_checkpoint(Path(self.model), config)
+        except ValueError as e:
+            raise DrllmConfigError(str(e)) from None
         settings = _apply_engine_settings(self)
         vllm_config = orig(self, *a, **kw)
         sched = vllm_config.scheduler_config
@@ -163,9 +172,10 @@ def _drllm_of(hf_config):
 
 
 def install() -> None:
-    """Wrap the two front-end entry points (idempotent)."""
+    """Wrap the front-end entry points (idempotent)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
 
     if not getattr(EngineArgs.create_engine_config, "_drllm", False):
         EngineArgs.create_engine_config = _wrap_create_engine_config(
@@ -175,6 +185,51 @@ def install() -> None:
         InputProcessor._validate_params = _wrap_validate_params(
             InputProcessor._validate_params
         )
+    if not getattr(OutputProcessor.process_outputs, "_drllm", False):
+        OutputProcessor.process_outputs = _wrap_process_outputs(
+            OutputProcessor.process_outputs
+        )
+    if not getattr(sys.excepthook, "_drllm", False):
+        sys.excepthook = _one_line_config_errors(sys.excepthook)
+
+
+# -- front end: finished requests' reports, clear start-up errors ----------
+def _wrap_process_outputs(orig):
+    """Hand each finished request's report to `serving.record` (front end)."""
+
+    @functools.wraps(orig)
+    def process_outputs(self, engine_core_outputs, *a, **kw):
+        finished = [
+            (o.request_id, o.kv_transfer_params[OUTPUT_KEY])
+            for o in engine_core_outputs
+            if o.kv_transfer_params and OUTPUT_KEY in o.kv_transfer_params
+        ]
+        # the external id (what the response carries) before orig drops the state
+        ids = {rid: getattr(self.request_states.get(rid), "external_req_id", None) or rid
+               for rid, _ in finished}
+        result = orig(self, engine_core_outputs, *a, **kw)
+        if finished:
+            from . import serving
+
+            for rid, report in finished:
+                serving.record(ids[rid], report)
+        return result
+
+    process_outputs._drllm = True
+    return process_outputs
+
+
+def _one_line_config_errors(orig):
+    """`vllm serve <bad checkpoint>` ends with one line, not vLLM's traceback."""
+
+    def excepthook(kind, value, tb):
+        if isinstance(value, DrllmConfigError):
+            print(f"drllm: error: {value}", file=sys.stderr)
+        else:
+            orig(kind, value, tb)
+
+    excepthook._drllm = True
+    return excepthook
 
 
 # -- model runner ----------------------------------------------------------
@@ -184,6 +239,7 @@ class DrRunnerMixin:
     def _drllm_setup(self) -> None:
         self._drllm_schedules: dict[str, Schedule] = {}  # live requests
         self._drllm_decided: dict[str, Schedule] = {}  # to report this step
+        self._drllm_stats = _zero_stats()
 
     def _model_forward(self, input_ids=None, positions=None, **kwargs):
         model = self.get_model()
@@ -194,6 +250,7 @@ class DrRunnerMixin:
             return super()._model_forward(input_ids=input_ids, positions=positions, **kwargs)
         finally:
             step, model.drllm_step = model.drllm_step, None
+            self._drllm_count(step, model.num_layers)
             if step is not None and step.to_route:
                 decided = step.decided()
                 self._drllm_schedules.update(decided)
@@ -222,6 +279,28 @@ class DrRunnerMixin:
             attention_for_rows=self._attention_for_rows_factory(),
             num_layers=num_layers,
         )
+
+    def _drllm_count(self, step: StepBatch | None, num_layers: int) -> None:
+        """Executed-layer counts of this step (the benchmark reads them)."""
+        n = self.input_batch.num_reqs
+        q = self.query_start_loc.cpu[: n + 1].numpy()
+        tokens = q[1:] - q[:-1]
+        if step is None:  # every row, every layer once
+            passes, applications = num_layers, int(tokens.sum()) * num_layers
+        else:
+            passes, applications = step.layer_passes(), int(tokens @ step.applications())
+        st = self._drllm_stats
+        kind = "decode" if n and int(tokens.max()) == 1 else "prefill"
+        st[f"{kind}_steps"] += 1
+        st[f"{kind}_tokens"] += int(tokens.sum())
+        st[f"{kind}_layer_passes"] += passes
+        st[f"{kind}_applications"] += applications
+
+    def drllm_stats(self, reset: bool = False) -> dict[str, int]:
+        stats = dict(self._drllm_stats)
+        if reset:
+            self._drllm_stats = _zero_stats()
+        return stats
 
     def _first_sight(self, model, row, rid, query_start, to_route) -> Schedule | None:
         """A request's first step: fix its schedule now or route it."""
@@ -315,6 +394,11 @@ class DrRunnerMixin:
         return out
 
 
+def _zero_stats() -> dict[str, int]:
+    return {f"{k}_{m}": 0 for k in ("prefill", "decode")
+            for m in ("steps", "tokens", "layer_passes", "applications")}
+
+
 def _runner_class(base: type) -> type:
     class Runner(DrRunnerMixin, base):
         def __init__(self, *args, **kwargs):
@@ -329,6 +413,10 @@ def _worker_class(base: type, runner_base: type, runner_module) -> type:
     runner_cls = _runner_class(runner_base)
 
     class Worker(base):
+        def drllm_stats(self, reset: bool = False) -> dict[str, int]:
+            """Executed-layer counts since the last reset (LLM.collective_rpc)."""
+            return self.model_runner.drllm_stats(reset)
+
         def init_device(self):
             # the stock init_device builds the stock runner; build ours instead
             original = getattr(runner_module, runner_base.__name__)
@@ -371,11 +459,70 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
 
 class DrScheduler(Scheduler):
-    """Keeps each request's schedule; returns it with the final output."""
+    """Keeps each request's schedule; returns it with the final output.
+
+    Admits waiting requests grouped by schedule (see grouping.py), so that
+    layers skipped by a whole step cost nothing. DRLLM_GROUPING=0 admits in
+    plain arrival order; DRLLM_MAX_OVERTAKEN bounds how many younger requests
+    may be admitted before a waiting one (default 4 x max_num_seqs).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._drllm_schedules: dict[str, Schedule] = {}
+        self._drllm_grouping = os.environ.get("DRLLM_GROUPING", "1") != "0"
+        self._drllm_max_overtaken = int(os.environ.get(
+            "DRLLM_MAX_OVERTAKEN", 4 * self.scheduler_config.max_num_seqs
+        ))
+        self._drllm_waiting: dict[str, Any] = {}  # request id -> grouping.Waiting
+        self._drllm_arrivals = 0
+        hf_config = self.vllm_config.model_config.hf_config
+        self._drllm_num_layers = hf_config.num_hidden_layers
+        self._drllm_block = _drllm_of(hf_config) if hasattr(hf_config, "drllm") else None
+        logger.info("Dr.LLM scheduler: grouping by schedule %s (max overtaken %d)",
+                    "on" if self._drllm_grouping else "off", self._drllm_max_overtaken)
+
+    def add_request(self, request) -> None:
+        from .grouping import Waiting
+
+        self._drllm_waiting[request.request_id] = Waiting(self._known_schedule(request),
+                                                          self._drllm_arrivals)
+        self._drllm_arrivals += 1
+        super().add_request(request)
+
+    def _known_schedule(self, request) -> Schedule | None:
+        """The schedule a request will run if known before its prefill (not routed)."""
+        if self._drllm_block is None:
+            return None
+        controls = parse_controls(request.sampling_params.extra_args,
+                                  self._drllm_num_layers, self._drllm_block)
+        if controls.mode == "full":
+            return full_schedule(self._drllm_num_layers)
+        return controls.schedule if controls.mode == "schedule" else None
+
+    def schedule(self, *args, **kwargs):
+        from collections import deque
+
+        from .grouping import admission_order, record_admissions
+
+        queue = self.waiting
+        if not (self._drllm_grouping and len(queue) > 1 and isinstance(queue, deque)):
+            return super().schedule(*args, **kwargs)
+        states = self._drllm_waiting
+        reqs = list(queue)
+        for r in reqs:  # a preempted request keeps its place in front
+            states[r.request_id].resumed = r.num_computed_tokens > 0 or r.num_preemptions > 0
+        running = [self._drllm_schedules.get(r.request_id)
+                   or getattr(states.get(r.request_id), "key", None) for r in self.running]
+        order = admission_order([states[r.request_id] for r in reqs], running,
+                                self._drllm_max_overtaken)
+        queue.clear()
+        queue.extend(reqs[i] for i in order)
+        out = super().schedule(*args, **kwargs)
+        left = {r.request_id for r in queue}
+        admitted = [states[r.request_id].order for r in reqs if r.request_id not in left]
+        record_admissions((states[rid] for rid in left), admitted)
+        return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         decided = getattr(model_runner_output, "drllm_schedules", None)
@@ -385,6 +532,7 @@ class DrScheduler(Scheduler):
 
     def _free_request(self, request, *args, **kwargs):
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
+        self._drllm_waiting.pop(request.request_id, None)
         schedule = self._drllm_schedules.pop(request.request_id, None)
         if schedule is not None:
             kv_params = {**(kv_params or {}), OUTPUT_KEY: report(schedule)}
