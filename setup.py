@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "cpu": CPU_STACK,
-        "test": ["pytest==9.2.0", "openai"],
+        "test": ["pytest==9.2.0", "openai", "matplotlib==3.11.2"],  # matplotlib: bench PNG
     },
     entry_points={
         "vllm.general_plugins": ["drllm = drllm_vllm:register"],

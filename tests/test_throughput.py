@@ -1,0 +1,105 @@
+"""Grouping by schedule (bounded waiting) and the benchmark's counts.
+
+The quick benchmark asserts nothing about speed (machines are noisy), only
+that what it counts is right: the runner's layer applications agree with
+the schedules each request reported, uniform skips leave exactly L-k layer
+passes per decode step, full mode gives plain vLLM's tokens, and no request
+is overtaken by more younger ones than the grouping bound allows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from drllm_vllm.grouping import Waiting, admission_order, record_admissions
+
+A, B, C = (1, 1, 0, 1), (0, 1, 1, 1), (1, 0, 1, 1)
+
+
+def test_requests_matching_the_running_batch_go_first():
+    waiting = [Waiting(B, 0), Waiting(A, 1), Waiting(C, 2), Waiting(A, 3), Waiting(None, 4)]
+    assert admission_order(waiting, running_keys=[A, A, B], max_overtaken=100) == [1, 3, 0, 2, 4]
+
+
+def test_with_nothing_running_the_oldest_request_picks_the_group():
+    waiting = [Waiting(B, 5), Waiting(A, 1), Waiting(A, 7), Waiting(B, 2)]
+    # the oldest (order 1) has A; then by distance to A (B and C differ from A in 2 layers)
+    assert admission_order(waiting, running_keys=[], max_overtaken=100) == [1, 2, 3, 0]
+
+
+def test_preempted_and_overdue_requests_go_first_oldest_first():
+    waiting = [Waiting(A, 4), Waiting(B, 3, overtaken=9), Waiting(C, 6, resumed=True)]
+    assert admission_order(waiting, running_keys=[A], max_overtaken=9) == [1, 2, 0]
+
+
+def simulate(max_overtaken: int, steps: int = 200, per_step: int = 2) -> tuple[bool, int]:
+    """A lone B request among a stream of A requests that never ends; the
+    batch admits `per_step` requests a step. Returns (B admitted, its overtaken count)."""
+    waiting = [Waiting(B, 0)]
+    order = 1
+    for _ in range(steps):
+        for _ in range(per_step + 1):  # more arrive than can be admitted
+            waiting.append(Waiting(A, order))
+            order += 1
+        ranked = [waiting[i] for i in admission_order(waiting, [A], max_overtaken)]
+        admitted, waiting = ranked[:per_step], ranked[per_step:]
+        record_admissions(waiting, [w.order for w in admitted])
+        if any(w.key == B for w in admitted):
+            return True, next(w for w in admitted if w.key == B).overtaken
+    return False, waiting[0].overtaken
+
+
+def test_a_request_with_a_rare_schedule_does_not_starve():
+    admitted, overtaken = simulate(max_overtaken=10)
+    assert admitted and overtaken <= 10 + 2 - 1
+
+
+def test_without_the_bound_the_rare_request_would_starve():
+    admitted, _ = simulate(max_overtaken=10**9)
+    assert not admitted  # the bound, not luck, admits it above
+
+
+def load_bench():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("drllm_bench_test", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, checkpoint):
+    bench = load_bench()
+    return bench.main(["--quick", "--results-dir", str(tmp_path_factory.mktemp("bench")),
+                       "--out", "quick"])
+
+
+def test_quick_benchmark_counts_are_right(quick):
+    assert quick["errors"] == []
+    L = quick["num_layers"]
+    rows = {(r["concurrency"], r["case"]): r for r in quick["rows"]}
+    for c in (1, 4):
+        assert rows[(c, "full")]["layers_per_token"] == L
+        for k in (3, 6, 9):
+            r = rows[(c, f"skip-{k}")]
+            assert r["layers_per_token"] == r["union_per_step"] == L - k
+            assert r["ideal_mean"] == pytest.approx(L / (L - k))
+        assert rows[(c, "hetero")]["union_per_step"] <= L
+
+
+def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
+    rows = {r["case"]: r for r in quick["rows"]}
+    on, off = rows["pool4-grouping-on"], rows["pool4-grouping-off"]
+    assert on["layers_per_token"] == pytest.approx(off["layers_per_token"])  # same requests
+    assert on["union_per_step"] < off["union_per_step"]
+    bound = quick["settings"]["max_overtaken"] + quick["settings"]["group_batch"] - 1
+    assert on["max_overtaken"] <= bound
+
+
+def test_quick_benchmark_writes_json_and_png(quick):
+    out = Path(quick["settings"]["results_dir"])
+    assert (out / "quick.json").is_file() and (out / "quick.png").is_file()
