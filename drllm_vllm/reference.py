@@ -47,8 +47,12 @@ class Reference:
         schedule: Schedule | None = None,
         bias: float = 0.0,
         route_tokens: int | None = None,
+        pooled: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Schedule]:
-        """Last-position logits and the schedule used (routed if None given)."""
+        """Last-position logits and the schedule used (routed if None given).
+
+        If `pooled` is a list, the window means each router sees (the state
+        entering its layer, over the routed tokens) are appended to it."""
         inner = self.model.model
         x = torch.tensor([ids])
         h = inner.embed_tokens(x)
@@ -57,6 +61,8 @@ class Reference:
         n_route = min(route_tokens or len(ids), len(ids))
         taken = []
         for i, layer in enumerate(inner.layers):
+            if pooled is not None:
+                pooled.append(window_means(h[0, :n_route], self.drllm.num_windows))
             if schedule is None:
                 logits = self.routers[i](window_means(h[0, :n_route], self.drllm.num_windows))
                 a = int(decide(logits[None], bias, i in self.drllm.repeat_layers)[0])

@@ -1,0 +1,91 @@
+"""Score multiple-choice examples through the vLLM engine with Dr.LLM controls.
+
+One example = one request per choice (max_tokens=1, prompt_logprobs=0), all
+routed on the prompt prefix the choices share (`drllm_route_tokens`), so the
+choices of a question run under one schedule. Many examples, each with its
+own controls (routed, full, a forced schedule, a bias), go to the engine in
+one call: this is how search, evaluation and the benchmarks use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schedule import Schedule, layer_applications
+from .tasks import Example, continuation_logprob, encode, pick
+
+ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=8192, max_num_seqs=64)
+
+
+@dataclass(frozen=True)
+class Scored:
+    pred: int
+    correct: bool
+    schedule: Schedule  # the schedule the question ran under
+    layer_applications: int
+
+
+def make_engine(checkpoint: str, dtype: str = "bfloat16", **overrides):
+    """An offline vLLM engine on a Dr.LLM checkpoint, sized for scoring."""
+    from vllm import LLM
+
+    return LLM(model=str(checkpoint), dtype=dtype, seed=0,
+               **{**ENGINE_DEFAULTS, **overrides})
+
+
+class Scorer:
+    """Caches tokenisation per example; scores batches of (example, controls)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.max_len = llm.llm_engine.model_config.max_model_len
+        self._encoded: dict[tuple[str, int], tuple[list[list[int]], int]] = {}
+
+    def encoded(self, e: Example) -> tuple[list[list[int]], int]:
+        key = (e.task, e.doc_id)
+        if key not in self._encoded:
+            prompts, shared = encode(self.tokenizer, e)
+            longest = max(len(p) for p in prompts)
+            if longest > self.max_len:
+                raise ValueError(f"{e.task} doc {e.doc_id}: {longest} tokens > "
+                                 f"max_model_len {self.max_len}")
+            self._encoded[key] = (prompts, shared)
+        return self._encoded[key]
+
+    def score(self, items: list[tuple[Example, dict]]) -> list[Scored]:
+        """items: (example, drllm controls such as {"drllm_mode": "full"})."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from . import schedule_of
+
+        prompts, params, owner = [], [], []
+        for k, (e, controls) in enumerate(items):
+            ids, shared = self.encoded(e)
+            sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                extra_args={**controls, "drllm_route_tokens": shared})
+            for p in ids:
+                prompts.append(TokensPrompt(prompt_token_ids=p))
+                params.append(sp)
+                owner.append(k)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        logprobs: list[list[float]] = [[] for _ in items]
+        schedules: list[set] = [set() for _ in items]
+        for k, out in zip(owner, outs):
+            e = items[k][0]
+            ids, _ = self.encoded(e)
+            choice = len(logprobs[k])
+            start = len(ids[choice]) - len(self.tokenizer.encode(
+                e.continuations[choice], add_special_tokens=False))
+            logprobs[k].append(continuation_logprob(out.prompt_logprobs, ids[choice], start))
+            schedules[k].add(schedule_of(out))
+        results = []
+        for k, (e, _) in enumerate(items):
+            if len(schedules[k]) != 1:  # all choices share the routed prefix
+                raise RuntimeError(f"{e.task} doc {e.doc_id}: choices ran under "
+                                   f"different schedules {schedules[k]}")
+            (sched,) = schedules[k]
+            pred = pick(logprobs[k], e.continuations)
+            results.append(Scored(pred, pred == e.gold, sched, layer_applications(sched)))
+        return results

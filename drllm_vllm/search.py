@@ -1,0 +1,124 @@
+"""`drllm search`: MCTS supervision with paths scored in batches by the engine.
+
+Up to `pool` examples search at once, in lock-step: each round, every active
+search names the path it needs next, and all of them are scored in one
+engine call as forced schedules (many examples' simulations per call, so the
+search runs at serving throughput). A finished example is appended to a
+JSONL file at once, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import tasks
+from .mcts import MCTSConfig, Search
+
+SEARCH_TASKS = tasks.IN_DOMAIN
+
+
+def search_order(task_names, limit: int | None, seed: int = 0) -> list[tasks.Example]:
+    """Search examples of the tasks, each shuffled with `seed`, interleaved."""
+    per_task = []
+    for t in task_names:
+        ex = tasks.load(t, "search")
+        random.Random(f"{seed}:{t}").shuffle(ex)
+        per_task.append(ex)
+    order = [e for group in zip_longest_all(per_task) for e in group]
+    return order[:limit]
+
+
+def zip_longest_all(lists):
+    for i in range(max(map(len, lists))):
+        yield [lst[i] for lst in lists if i < len(lst)]
+
+
+def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = None,
+               config: MCTSConfig = MCTSConfig(), pool: int = 32, seed: int = 0,
+               log=print) -> list[dict]:
+    from tqdm import tqdm
+
+    L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
+    done = {(r["task"], r["doc_id"]) for r in read_records(out)}
+    queue = [e for e in search_order(task_names, limit, seed) if (e.task, e.doc_id) not in done]
+    log(f"search: {len(done)} examples already in {out}, {len(queue)} to go "
+        f"(pool {pool}, {config.simulations} simulations each)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    active: list[tuple[tasks.Example, Search, dict]] = []
+    bar = tqdm(total=len(queue), desc="search", unit="ex")
+    paths = 0
+    start = time.perf_counter()
+    with open(out, "a") as f:
+        while queue or active:
+            while queue and len(active) < pool:
+                e = queue.pop(0)
+                active.append((e, Search(L, config, seed=seed), {"forward_passes": 0}))
+            batch = []
+            for e, s, stats in active:
+                p = s.pending()
+                if p is not None:
+                    batch.append((e, s, stats, p))
+            if batch:
+                scored = scorer.score([(e, {"drllm_mode": "schedule", "drllm_schedule": list(p)})
+                                       for e, _, _, p in batch])
+                for (e, s, stats, p), r in zip(batch, scored):
+                    s.report(p, float(r.correct))
+                    stats["forward_passes"] += len(e.continuations)
+                paths += len(batch)
+            still = []
+            for e, s, stats in active:
+                if s.pending() is None:
+                    f.write(json.dumps(record(e, s, stats)) + "\n")
+                    f.flush()
+                    bar.update(1)
+                else:
+                    still.append((e, s, stats))
+            active = still
+            bar.set_postfix(paths_per_s=f"{paths / (time.perf_counter() - start):.2f}")
+    bar.close()
+    records = read_records(out)
+    log(summary_text(summarise(records, L)))
+    return records
+
+
+def record(e: tasks.Example, s: Search, stats: dict) -> dict:
+    return {"task": e.task, "doc_id": e.doc_id, "default_correct": s.default_correct,
+            "best": list(s.best) if s.best else None, "simulations": s.simulations,
+            "paths": s.paths_evaluated, "forward_passes": stats["forward_passes"]}
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(records: list[dict], num_layers: int) -> dict:
+    labelled = [r for r in records if r["best"] is not None]
+    hist = Counter(a for r in labelled for a in r["best"])
+    improved = [r for r in labelled if not r["default_correct"]]
+    return {
+        "examples": len(records),
+        "by_task": dict(Counter(r["task"] for r in records)),
+        "paths": sum(r["paths"] for r in records),
+        "forward_passes": sum(r["forward_passes"] for r in records),
+        "default_correct": sum(bool(r["default_correct"]) for r in records),
+        "with_correct_path": len(labelled),
+        "improved": len(improved),
+        "mean_layers_saved": (sum(num_layers - sum(r["best"]) for r in labelled)
+                              / max(len(labelled), 1)),
+        "labels": {"skip": hist[0], "execute": hist[1], "repeat": hist[2]},
+    }
+
+
+def summary_text(s: dict) -> str:
+    n = sum(s["labels"].values()) or 1
+    return (f"searched {s['examples']} examples {s['by_task']}: {s['paths']} paths, "
+            f"{s['forward_passes']} forward passes; default correct {s['default_correct']}, "
+            f"with a correct path {s['with_correct_path']}, improved (wrong -> right) "
+            f"{s['improved']}; mean layers saved {s['mean_layers_saved']:.2f}; labels "
+            + ", ".join(f"{k} {v} ({100 * v / n:.1f}%)" for k, v in s["labels"].items()))

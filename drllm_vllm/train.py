@@ -1,0 +1,222 @@
+"""Router training on MCTS labels: cached teacher-forced features, focal loss.
+
+Features: for each searched example with a correct path, the window means
+each router sees when the prompt's shared prefix (the question) runs along
+that label path (teacher forcing), computed once with the reference forward
+and cached. All L routers then train together as one stacked MLP on those
+features: focal loss (gamma 2) with effective-number class weights (beta
+0.999), AdamW (lr 1e-3, wd 0.01), cosine schedule with warm-up. Validation
+macro-F1 and per-class recall are printed every epoch; the epoch with the
+best validation macro-F1 is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .router import NUM_CLASSES
+
+CLASS_NAMES = ("skip", "execute", "repeat")
+
+
+# ---------------------------------------------------------------- pure maths
+
+def class_weights(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
+    """Effective-number weights (1-beta)/(1-beta^n_c), normalised to sum to C.
+    A class with no examples gets the weight of a class with one."""
+    n = counts.clamp(min=1).double()
+    w = (1 - beta) / (1 - beta ** n)
+    return (w / w.sum() * len(counts)).float()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor,
+               gamma: float = 2.0) -> torch.Tensor:
+    """mean over rows of -alpha_y (1 - p_y)^gamma log p_y; logits [N, C]."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[:, None])[:, 0]
+    return (-alpha[target] * (1 - logp.exp()) ** gamma * logp).mean()
+
+
+def per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES):
+    """(macro-F1 over classes present in target or pred, recall per class or None)."""
+    f1s, recalls = [], []
+    for c in range(num_classes):
+        tp = ((pred == c) & (target == c)).sum().item()
+        n_true, n_pred = (target == c).sum().item(), (pred == c).sum().item()
+        recalls.append(tp / n_true if n_true else None)
+        if n_true or n_pred:
+            f1s.append(2 * tp / (n_true + n_pred))
+    return sum(f1s) / len(f1s), recalls
+
+
+class StackedRouters(nn.Module):
+    """All L routers as one batched MLP: [B, L, W, d] window means -> [B, L, 3]."""
+
+    def __init__(self, num_layers: int, hidden_size: int, bottleneck: int = 128, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+
+        def xavier(fan_out: int, fan_in: int) -> nn.Parameter:
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            return nn.Parameter((torch.rand(num_layers, fan_out, fan_in, generator=g) * 2 - 1) * bound)
+
+        self.w1 = xavier(bottleneck, hidden_size)
+        self.b1 = nn.Parameter(torch.zeros(num_layers, bottleneck))
+        self.w2 = xavier(NUM_CLASSES, bottleneck)
+        self.b2 = nn.Parameter(torch.zeros(num_layers, NUM_CLASSES))
+
+    def forward(self, x: torch.Tensor, window_mask: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(torch.einsum("blwd,lhd->blwh", x, self.w1) + self.b1[:, None],
+                               approximate="tanh")
+        logits = torch.einsum("blwh,lch->blwc", h, self.w2) + self.b2[:, None]
+        m = window_mask[:, None, :, None].to(logits.dtype)  # windows that exist
+        return (logits * m).sum(2) / m.sum(2)
+
+    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in range(self.w1.shape[0]):
+            for name, t in (("fc1.weight", self.w1), ("fc1.bias", self.b1),
+                            ("fc2.weight", self.w2), ("fc2.bias", self.b2)):
+                out[f"model.routers.{i}.{name}"] = t[i].detach().float().contiguous().clone()
+        return out
+
+
+# ---------------------------------------------------------------- features
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 25
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 500  # capped at 10% of all steps for small sets
+    gamma: float = 2.0
+    beta: float = 0.999
+    val_fraction: float = 0.15
+    seed: int = 0
+
+
+def is_validation(task: str, doc_id: int, fraction: float) -> bool:
+    """A fixed, hash-based validation hold-out of searched examples."""
+    h = int(hashlib.sha256(f"{task}:{doc_id}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+def labelled(records: list[dict]) -> list[dict]:
+    """Searched examples that have a correct path (the only ones with labels)."""
+    return [r for r in records if r.get("best") is not None]
+
+
+def compute_features(checkpoint: Path, records: list[dict], cache: Path):
+    """Teacher-forced window means [N, L, W, d] (fp16), window mask [N, W],
+    labels [N, L]; cached in `cache`, extended incrementally."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from . import tasks
+    from .reference import Reference
+
+    store = torch.load(cache) if cache.exists() else {}
+    todo = [r for r in records if _key(r) not in store]
+    if todo:
+        ref = Reference(checkpoint)
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+        by_task: dict[str, dict[int, tasks.Example]] = {}
+        for r in tqdm(todo, desc="features (reference forward)", unit="ex"):
+            if r["task"] not in by_task:
+                by_task[r["task"]] = {e.doc_id: e for e in tasks.load(r["task"], "search")}
+            ids, shared = tasks.encode(tok, by_task[r["task"]][r["doc_id"]])
+            pooled: list[torch.Tensor] = []
+            ref.forward(ids[0][:shared], tuple(r["best"]), pooled=pooled)
+            store[_key(r)] = torch.stack(pooled).half()
+            if len(store) % 100 == 0:
+                torch.save(store, cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(store, cache)
+    feats = [store[_key(r)] for r in records]
+    W = max(f.shape[1] for f in feats)
+    x = torch.zeros(len(feats), feats[0].shape[0], W, feats[0].shape[2], dtype=torch.float16)
+    mask = torch.zeros(len(feats), W, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        x[i, :, : f.shape[1]] = f
+        mask[i, : f.shape[1]] = True
+    y = torch.tensor([r["best"] for r in records])
+    return x, mask, y
+
+
+def _key(r: dict) -> str:
+    return f"{r['task']}:{r['doc_id']}:{''.join(map(str, r['best']))}"
+
+
+# ---------------------------------------------------------------- training
+
+def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print):
+    """Train stacked routers; returns (model, history). `val`: bool [N]."""
+    torch.manual_seed(cfg.seed)
+    N, L, _, d = x.shape
+    tr = (~val).nonzero()[:, 0]
+    counts = torch.bincount(y[tr].flatten(), minlength=NUM_CLASSES)
+    alpha = class_weights(counts, cfg.beta)
+    model = StackedRouters(L, d, bottleneck, cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_steps, max(total // 10, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(max(s - warmup, 0) / max(total - warmup, 1), 1.0)))))
+    log(f"training {L} routers on {len(tr)} examples ({int(val.sum())} held out); "
+        f"label counts {dict(zip(CLASS_NAMES, counts.tolist()))}; class weights "
+        f"{[round(a, 3) for a in alpha.tolist()]}; {total} steps, warm-up {warmup}")
+    history, best, best_state = [], -1.0, None
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = tr[torch.randperm(len(tr), generator=g)]
+        losses = []
+        for b in range(0, len(order), cfg.batch_size):
+            i = order[b: b + cfg.batch_size]
+            logits = model(x[i].float(), mask[i])
+            loss = focal_loss(logits.reshape(-1, NUM_CLASSES), y[i].flatten(), alpha, cfg.gamma)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        row = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)}
+        row.update(evaluate(model, x, mask, y, val))
+        history.append(row)
+        log(f"epoch {epoch + 1:2d}  loss {row['train_loss']:.4f}  val macro-F1 "
+            f"{row['val_macro_f1']:.3f}  recall " + "  ".join(
+                f"{n} {'-' if r is None else f'{r:.2f}'}" for n, r in zip(CLASS_NAMES, row["val_recall"])))
+        if row["val_macro_f1"] > best:
+            best, best_state = row["val_macro_f1"], {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model, history
+
+
+@torch.no_grad()
+def evaluate(model, x, mask, y, val) -> dict:
+    model.eval()
+    i = val.nonzero()[:, 0]
+    if len(i) == 0:
+        return {"val_macro_f1": float("nan"), "val_recall": [None] * NUM_CLASSES}
+    pred = model(x[i].float(), mask[i]).argmax(-1)
+    f1, recall = per_class(pred.flatten(), y[i].flatten())
+    return {"val_macro_f1": f1, "val_recall": recall,
+            "val_layer_accuracy": (pred == y[i]).float().mean().item()}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

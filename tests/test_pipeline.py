@@ -1,0 +1,187 @@
+"""The supervision pipeline: tasks and splits, cloze scoring, MCTS, loss, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from drllm_vllm import tasks
+from drllm_vllm.mcts import MCTSConfig, Search, children_of
+from drllm_vllm.train import (StackedRouters, TrainConfig, class_weights, focal_loss,
+                              per_class, train)
+
+
+# ---------------------------------------------------------------- splits
+
+@pytest.mark.parametrize("task", tasks.IN_DOMAIN)
+def test_no_eval_question_in_search(task):
+    tasks.check_disjoint(task)
+    search, evaluation = tasks.load(task, "search"), tasks.load(task, "eval")
+    assert len(search) > 250 and len(evaluation) > 250
+    # nor is an evaluation question shown with its answer in a search prompt
+    # (as a few-shot example), nor a search question in an evaluation prompt
+    def answered(e):
+        return e.contexts[e.gold].rsplit("\n\n", 1)[-1] + e.continuations[e.gold]
+
+    for shown, hidden in ((search, evaluation), (evaluation, search)):
+        blocks = {b for e in shown for b in e.contexts[0].split("\n\n")[:-1]}
+        leaked = [answered(e) for e in hidden if answered(e) in blocks]
+        assert not leaked, leaked[:3]
+
+
+def test_split_check_catches_a_leak(monkeypatch):
+    leaky = dict(tasks.SPLITS["arc_easy"], search=tasks.SPLITS["arc_easy"]["eval"])
+    monkeypatch.setitem(tasks.SPLITS, "arc_easy", leaky)
+    tasks._load.cache_clear()
+    with pytest.raises(AssertionError, match="eval questions in search"):
+        tasks.check_disjoint("arc_easy")
+    tasks._load.cache_clear()
+
+
+def test_task_contents_are_known():
+    e = tasks.load("arithmetic", "search", 1)[0]
+    assert e.contexts[0].endswith("4 * 8 =") and e.continuations[e.gold] == " 32"
+    assert len(tasks.load("mmlu", "eval")) == 14042
+    assert tasks.last_boxed(r"so \boxed{\frac{1}{2}} and \boxed{x^{2}}") == "x^{2}"
+    assert tasks.pick([-3.0, -4.0], (" abc", " abcdefgh")) == 1  # per character
+
+
+def test_bad_task_names_are_clear():
+    with pytest.raises(ValueError, match="unknown task 'arc'; accepted"):
+        tasks.load("arc", "eval")
+    with pytest.raises(ValueError, match="has no 'search' part"):
+        tasks.load("piqa", "search")
+
+
+# ---------------------------------------------------------------- scoring
+
+def test_engine_scoring_matches_transformers(dr_llm, oracle):
+    """Full-mode cloze picks equal log-likelihoods computed with transformers."""
+    from drllm_vllm.scoring import Scorer
+
+    scorer = Scorer(dr_llm)
+    examples = tasks.load("arc_challenge", "eval", 4) + tasks.load("arithmetic", "eval", 2)
+    got = scorer.score([(e, {"drllm_mode": "full"}) for e in examples])
+    for e, r in zip(examples, got):
+        ids, _ = scorer.encoded(e)
+        lps = []
+        for choice, p in enumerate(ids):
+            n = len(scorer.tokenizer.encode(e.continuations[choice], add_special_tokens=False))
+            with torch.no_grad():
+                logits = oracle.model(torch.tensor([p])).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(p[1:])[:, None])
+            lps.append(logp[-n:].sum().item())
+        assert r.pred == tasks.pick(lps, e.continuations), (e.task, e.doc_id)
+        assert r.schedule == (1,) * 30 and r.layer_applications == 30
+
+
+def test_choices_are_routed_on_the_question_alone(dr_llm, oracle):
+    """All choices run under the schedule the routers pick on the shared prefix."""
+    from drllm_vllm.scoring import Scorer
+
+    scorer = Scorer(dr_llm)
+    examples = tasks.load("arc_easy", "eval", 3) + tasks.load("winogrande", "eval", 2)
+    for bias in (0.0, -0.3):
+        got = scorer.score([(e, {"drllm_bias": bias}) for e in examples])
+        for e, r in zip(examples, got):
+            ids, shared = scorer.encoded(e)
+            assert shared < min(len(p) for p in ids)
+            _, expected = oracle.forward(ids[0][:shared], bias=bias)
+            assert r.schedule == expected, (e.task, e.doc_id, bias)
+
+
+def test_search_resumes_and_rewards_are_correctness(dr_llm, tmp_path):
+    from drllm_vllm.scoring import Scorer
+    from drllm_vllm.search import read_records, run_search
+
+    scorer = Scorer(dr_llm)
+    out = tmp_path / "search.jsonl"
+    cfg = MCTSConfig(simulations=3)
+    run_search(scorer, out, ("arithmetic",), limit=2, config=cfg, pool=2)
+    first = read_records(out)
+    run_search(scorer, out, ("arithmetic",), limit=3, config=cfg, pool=2)
+    records = read_records(out)
+    assert records[:2] == first and len(records) == 3
+    examples = {e.doc_id: e for e in tasks.load("arithmetic", "search")}
+    base = scorer.score([(examples[r["doc_id"]], {"drllm_mode": "full"}) for r in records])
+    for r, b in zip(records, base):
+        assert r["default_correct"] == b.correct
+        assert r["forward_passes"] == r["paths"] * 10  # ten choices per question
+        if r["best"] is not None:
+            forced = scorer.score([(examples[r["doc_id"]],
+                                    {"drllm_mode": "schedule", "drllm_schedule": r["best"]})])
+            assert forced[0].correct
+
+
+# ---------------------------------------------------------------- MCTS
+
+def run_to_end(search: Search, reward) -> Search:
+    while (p := search.pending()) is not None:
+        search.report(p, reward(p))
+    return search
+
+
+def test_children_are_the_three_actions():
+    kids = set(children_of((1, 1, 1)))
+    assert (0, 1, 1) in kids and (0, 0, 1) in kids and (1, 2, 1) in kids
+    assert (0, 1, 0) not in kids  # skips are consecutive
+    assert set(children_of((2, 1))) == {(1, 1), (0, 1), (1, 0), (2, 0), (2, 2)}
+
+
+def test_mcts_finds_the_known_best_path():
+    for target, budget in (((1, 1, 0, 1, 1, 1, 1, 1), 50),  # one action deep
+                           ((1, 0, 1, 1, 1, 0, 1, 1), 400)):  # two actions deep
+        s = run_to_end(Search(8, MCTSConfig(simulations=budget, early_stop=False)),
+                       lambda p: float(p == target))
+        assert s.best == target and s.default_correct is False
+    # among several correct paths the shortest wins, even with early stopping off
+    good = {(1, 1, 1, 0), (1, 0, 0, 1), (1, 0, 1, 1)}
+    s = run_to_end(Search(4, MCTSConfig(simulations=400, early_stop=False)),
+                   lambda p: float(p in good))
+    assert s.best == (1, 0, 0, 1)
+    assert s.paths_evaluated <= 400 and s.simulations == 400
+
+
+def test_mcts_stops_early_and_memoises():
+    # correct default; one skip is wrong, two skips are right: stop at a saving of 2
+    s = run_to_end(Search(6), lambda p: float(sum(p) != 5))
+    assert s.default_correct is True and sum(s.best) == 4 and s.simulations < 50
+    calls = []
+    s = run_to_end(Search(6, MCTSConfig(simulations=50)), lambda p: calls.append(p) or 0.0)
+    assert s.best is None and s.simulations == 50 and len(calls) == len(set(calls))
+
+
+# ---------------------------------------------------------------- loss and training
+
+def test_focal_loss_and_class_weights_by_hand():
+    alpha = class_weights(torch.tensor([1, 98, 1]))
+    assert torch.allclose(alpha, torch.tensor([1.492012, 0.015975, 1.492012]), atol=1e-5)
+    logits = torch.tensor([[0.0, math.log(3.0), 0.0]])  # p = 0.2, 0.6, 0.2
+    loss = focal_loss(logits, torch.tensor([1]), torch.tensor([1.0, 2.0, 1.0]))
+    assert loss.item() == pytest.approx(2 * 0.4 ** 2 * -math.log(0.6), rel=1e-6)  # 0.163464
+    f1, recall = per_class(torch.tensor([1, 1, 0, 2]), torch.tensor([1, 0, 0, 2]))
+    assert recall == [0.5, 1.0, 1.0] and f1 == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_training_on_a_small_cached_set_reduces_the_loss():
+    g = torch.Generator().manual_seed(0)
+    N, L, W, d = 96, 3, 4, 16
+    base = torch.randn(N, L, 1, d, generator=g)
+    x = base + 0.3 * torch.randn(N, L, W, d, generator=g)  # windows share a signal
+    y = (base[..., 0, 0] > -0.5).long() + (base[..., 0, 1] > 0.5).long()  # 0/1/2
+    mask = torch.ones(N, W, dtype=torch.bool)
+    val = torch.arange(N) % 6 == 0
+    cfg = TrainConfig(epochs=30, batch_size=16, warmup_steps=10, lr=3e-3)
+    untrained = StackedRouters(L, d, 32)
+    alpha = class_weights(torch.bincount(y[~val].flatten(), minlength=3))
+    before = focal_loss(untrained(x[~val], mask[~val]).reshape(-1, 3), y[~val].flatten(), alpha)
+    model, history = train(x.half(), mask, y, val, cfg, bottleneck=32, log=lambda *_: None)
+    after = focal_loss(model(x[~val], mask[~val]).reshape(-1, 3), y[~val].flatten(), alpha)
+    assert after.item() < 0.5 * before.item()
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert max(h["val_macro_f1"] for h in history) > 0.45  # chance is about 1/3
+    # the exported tensors have the engine's router names and shapes
+    sd = model.state_dict_for_checkpoint()
+    assert sd["model.routers.2.fc1.weight"].shape == (32, d) and len(sd) == 4 * L
