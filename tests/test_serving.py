@@ -147,7 +147,9 @@ def test_full_mode_text_equals_plain_vllm(client):
 
     served = [chat(client, p, {"drllm_mode": "full"}, max_tokens=16).choices[0].message.content
               for p in PROMPTS[:3]]
-    plain = make_llm(cache_dir() / "base" / "smollm2-135m-instruct")
+    # eager and without prefix caching, as the server runs (and compiling costs minutes)
+    plain = make_llm(cache_dir() / "base" / "smollm2-135m-instruct", enforce_eager=True,
+                     enable_prefix_caching=False)
     try:
         outs = plain.chat([[{"role": "user", "content": p}] for p in PROMPTS[:3]],
                           SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
