@@ -178,13 +178,15 @@ def write_dr_checkpoint(
 
 
 def shipped_routers(model: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """Trained routers from router_weights/<model>/, if the repo ships them."""
+    """Trained routers from router_weights/<model>/, if the repo ships them; the
+    card gains the routers file's sha256 (how `prepare` spots new weights)."""
     from safetensors.torch import load_file
 
     d = ROUTER_WEIGHTS_DIR / model
     if not (d / "routers.safetensors").exists():
         return None
     card = json.loads((d / "card.json").read_text())
+    card["routers_sha256"] = sha256_of(d / "routers.safetensors")
     return load_file(d / "routers.safetensors"), card
 
 
@@ -194,17 +196,22 @@ def prepare(model: str = "smollm2-135m-instruct", out: Path | None = None) -> Pa
     src = BASE_MODELS[model]
     root = cache_dir()
     out = Path(out) if out else root / "checkpoints" / f"{model}-drllm"
+    shipped = shipped_routers(model)
+    want = shipped[1]["routers_sha256"] if shipped else None
     if (out / "config.json").exists():
-        log(f"using cached checkpoint {out}")
-        return out
+        card = json.loads((out / "config.json").read_text())["drllm"].get("router_card") or {}
+        if card.get("routers_sha256") == want:
+            log(f"using cached checkpoint {out}")
+            return out
+        log(f"router weights in router_weights/{model} changed: rebuilding {out}")
     gguf = fetch_gguf(src, root)
     base = dequantize(gguf, root / "base" / model, src.gguf_sha256)
     config = json.loads((base / "config.json").read_text())
-    shipped = shipped_routers(model)
     if shipped is not None:
         routers, card = shipped
+        card = {k: v for k, v in card.items() if k != "evaluation"}  # results live in the repo
         drllm = DrConfig(**card["drllm"], trained=True, router_card=card)
-        log(f"using trained routers from router_weights/{model}")
+        log(f"using trained routers from router_weights/{model} (sha256 {want[:12]}...)")
     else:
         drllm = DrConfig(repeat_layers=src.repeat_layers, trained=False)
         routers = init_routers(

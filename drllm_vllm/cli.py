@@ -76,6 +76,54 @@ def cmd_bench(args) -> None:
     if bench.main(args.vllm_args)["errors"]:
         sys.exit(1)
 
+def _model_dir(model: str) -> "Path":
+    from .checkpoint import ROUTER_WEIGHTS_DIR
+
+    return ROUTER_WEIGHTS_DIR / model
+
+
+def cmd_search(args) -> None:
+    """MCTS over layer paths on the search splits, scored by the engine (resumable)."""
+    from pathlib import Path
+
+    from .checkpoint import prepare
+    from .mcts import MCTSConfig
+    from .scoring import Scorer, make_engine
+    from .search import run_search, speed_comparison
+
+    scorer = Scorer(make_engine(prepare(args.model), dtype=args.dtype))
+    if args.compare_speed:
+        speed_comparison(scorer, prepare(args.model), args.compare_speed, Path(args.speed_out))
+        return
+    out = Path(args.out or _model_dir(args.model) / "search.jsonl")
+    run_search(scorer, out, args.tasks.split(","), args.limit,
+               MCTSConfig(simulations=args.simulations), pool=args.pool, seed=args.seed)
+
+
+def cmd_train(args) -> None:
+    """Train routers on the search labels and write them with their card."""
+    from pathlib import Path
+
+    from .checkpoint import prepare
+    from .train import TrainConfig, train_and_ship
+
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    search = Path(args.search or _model_dir(args.model) / "search.jsonl")
+    train_and_ship(prepare(args.model), args.model, search,
+                   Path(args.out or _model_dir(args.model)), cfg)
+
+
+def cmd_eval(args) -> None:
+    """Base vs routed (bias curve) vs static pruning on the test splits."""
+    from pathlib import Path
+
+    from .checkpoint import prepare
+    from .evaluate import main as run
+
+    biases = [float(b) for b in args.biases.split(",")]
+    run(Path(args.checkpoint) if args.checkpoint else prepare(args.model), args.model,
+        args.limit_in, args.limit_out, biases, args.generation, Path(args.out), args.dtype)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="drllm", description=__doc__)
@@ -111,6 +159,40 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bench", add_help=False, help="throughput against plain vLLM "
                        "(benchmarks/throughput.py; its options follow)")
     b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("search", help="MCTS supervision: layer paths scored by the engine")
+    m.add_argument("--model", default="smollm2-135m-instruct")
+    m.add_argument("--tasks", default="arc_easy,arc_challenge,arithmetic")
+    m.add_argument("--limit", type=int, default=None, help="examples in all (default: all)")
+    m.add_argument("--simulations", type=int, default=50)
+    m.add_argument("--pool", type=int, default=32, help="examples searched in lock-step")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default="bfloat16")
+    m.add_argument("--out", default=None, help="JSONL (default router_weights/<model>/search.jsonl)")
+    m.add_argument("--compare-speed", type=int, default=0, metavar="N",
+                   help="instead: paths/s, engine batches vs reference one at a time, N examples")
+    m.add_argument("--speed-out", default="benchmarks/results/search_speed.json")
+    m.set_defaults(func=cmd_search)
+
+    t = sub.add_parser("train", help="train routers on search labels (focal loss)")
+    t.add_argument("--model", default="smollm2-135m-instruct")
+    t.add_argument("--search", default=None, help="search JSONL (default: shipped one)")
+    t.add_argument("--out", default=None, help="directory (default router_weights/<model>)")
+    t.add_argument("--epochs", type=int, default=25)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="base vs routed vs static pruning on the test splits")
+    e.add_argument("--model", default="smollm2-135m-instruct")
+    e.add_argument("--checkpoint", default=None)
+    e.add_argument("--limit-in", type=int, default=200, help="examples per in-domain task")
+    e.add_argument("--limit-out", type=int, default=100, help="per out-of-domain task")
+    e.add_argument("--biases", default="-0.6,-0.3,0,0.3")
+    e.add_argument("--generation", type=int, default=50, help="GSM8K/MATH base examples")
+    e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct")
+    e.set_defaults(func=cmd_eval)
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("serve", "bench"):  # those pass the rest on

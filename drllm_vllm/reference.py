@@ -48,11 +48,13 @@ class Reference:
         bias: float = 0.0,
         route_tokens: int | None = None,
         pooled: list[torch.Tensor] | None = None,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, Schedule]:
         """Last-position logits and the schedule used (routed if None given).
 
         If `pooled` is a list, the window means each router sees (the state
-        entering its layer, over the routed tokens) are appended to it."""
+        entering its layer, over the routed tokens) are appended to it.
+        `all_positions` returns the logits of every position instead."""
         inner = self.model.model
         x = torch.tensor([ids])
         h = inner.embed_tokens(x)
@@ -73,7 +75,7 @@ class Reference:
                 out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
                 h = out[0] if isinstance(out, tuple) else out
         h = inner.norm(h)
-        return self.model.lm_head(h[0, -1]), tuple(taken)
+        return self.model.lm_head(h[0] if all_positions else h[0, -1]), tuple(taken)
 
     def generate(
         self,

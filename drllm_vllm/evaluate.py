@@ -1,0 +1,256 @@
+"""`drllm eval`: base vs routed vs static pruning, through the vLLM plugin.
+
+Every method scores the same fixed subsets (the first N evaluation examples
+of each task) with the cloze scoring of tasks.py:
+- base: `drllm_mode="full"`, every layer once;
+- routed: the checkpoint's routers at several `drllm_bias` values;
+- static pruning at the depth a routed setting reached: the k layers with
+  the lowest block influence (1 - mean cosine between a layer's input and
+  output, measured on search prompts) are skipped for every request, as a
+  forced schedule through the same engine.
+Reports accuracy and mean executed layer applications per example, writes
+JSON, a Markdown table, the Pareto plot and the per-layer decision heat map.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import tasks
+
+DEFAULT_BIASES = (-0.6, -0.3, 0.0, 0.3)
+
+
+@torch.no_grad()
+def block_influence(checkpoint: Path, examples: list[tasks.Example]) -> list[float]:
+    """Per layer, 1 - mean cosine(input, output) over the tokens of the prompts."""
+    from transformers import AutoTokenizer
+
+    from .reference import Reference
+
+    ref = Reference(checkpoint)
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    layers = ref.model.model.layers
+    sums = [0.0] * len(layers)
+    count = 0
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def f(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            captured[i] = torch.nn.functional.cosine_similarity(x[0].float(), y[0].float(), dim=-1)
+        return f
+
+    handles = [l.register_forward_hook(hook(i), with_kwargs=True) for i, l in enumerate(layers)]
+    try:
+        for e in examples:
+            ids, shared = tasks.encode(tok, e)
+            ref.model(torch.tensor([ids[0][:shared]]))
+            for i in range(len(layers)):
+                sums[i] += captured[i].sum().item()
+            count += shared
+    finally:
+        for h in handles:
+            h.remove()
+    return [1 - s / count for s in sums]
+
+
+def static_schedule(influence: list[float], k: int) -> list[int]:
+    """Skip the k layers with the lowest block influence, execute the rest."""
+    drop = set(sorted(range(len(influence)), key=influence.__getitem__)[:k])
+    return [0 if i in drop else 1 for i in range(len(influence))]
+
+
+def summarise(results, examples) -> dict:
+    """Accuracy (%) and mean layer applications per example, per task and overall."""
+    by_task: dict[str, list] = {}
+    for e, r in zip(examples, results):
+        by_task.setdefault(e.task, []).append(r)
+    row = {t: {"accuracy": 100 * sum(r.correct for r in rs) / len(rs),
+               "layers": sum(r.layer_applications for r in rs) / len(rs), "n": len(rs)}
+           for t, rs in by_task.items()}
+    for group, names in (("in_domain", tasks.IN_DOMAIN), ("out_of_domain", tasks.OUT_OF_DOMAIN)):
+        present = [row[t] for t in names if t in row]
+        if present:  # macro average over tasks
+            row[group] = {"accuracy": sum(p["accuracy"] for p in present) / len(present),
+                          "layers": sum(p["layers"] for p in present) / len(present),
+                          "n": sum(p["n"] for p in present)}
+    return row
+
+
+def decision_counts(results, num_layers: int) -> list[list[int]]:
+    """[L][3] how often each layer was skipped / executed / repeated."""
+    counts = [[0, 0, 0] for _ in range(num_layers)]
+    for r in results:
+        for i, a in enumerate(r.schedule):
+            counts[i][a] += 1
+    return counts
+
+
+def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
+             biases=DEFAULT_BIASES, influence_prompts: int = 64, log=print) -> dict:
+    L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
+    examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(t, "eval", limit_in)]
+    examples += [e for t in tasks.OUT_OF_DOMAIN for e in tasks.load(t, "eval", limit_out)]
+    log(f"eval: {len(examples)} examples ({limit_in} per in-domain task, "
+        f"{limit_out} per out-of-domain task), {sum(len(e.continuations) for e in examples)} "
+        f"requests per method")
+    methods: dict[str, dict] = {}
+    heat = None
+
+    def run(name: str, controls: dict) -> list:
+        t0 = time.perf_counter()
+        res = []
+        for b in range(0, len(examples), 256):  # chunks keep the progress visible
+            chunk = examples[b: b + 256]
+            res += scorer.score([(e, controls) for e in chunk])
+            log(f"  {name}: {len(res)}/{len(examples)} examples")
+        methods[name] = {"controls": controls, "seconds": time.perf_counter() - t0,
+                         "tasks": summarise(res, examples)}
+        s = methods[name]["tasks"]
+        log(f"{name}: in-domain {s['in_domain']['accuracy']:.1f}% at "
+            f"{s['in_domain']['layers']:.2f} layers, out-of-domain "
+            f"{s['out_of_domain']['accuracy']:.1f}% ({methods[name]['seconds']:.0f} s)")
+        return res
+
+    run("base", {"drllm_mode": "full"})
+    for p in biases:
+        res = run(f"routed bias {p:+.2f}", {"drllm_mode": "routed", "drllm_bias": p})
+        if p == 0.0:
+            heat = decision_counts(res, L)
+    search_examples = [e for t in tasks.IN_DOMAIN
+                       for e in tasks.load(t, "search", influence_prompts // len(tasks.IN_DOMAIN))]
+    influence = block_influence(checkpoint, search_examples)
+    ks = sorted({round(L - m["tasks"]["in_domain"]["layers"]) for n, m in methods.items()
+                 if n.startswith("routed")} - {0}, key=abs)
+    for k in [k for k in ks if 0 < k < L]:
+        run(f"static skip {k}", {"drllm_mode": "schedule",
+                                 "drllm_schedule": static_schedule(influence, k)})
+    return {"methods": methods, "block_influence": influence, "heatmap_bias0": heat,
+            "num_layers": L, "limits": {"in_domain": limit_in, "out_of_domain": limit_out}}
+
+
+@torch.no_grad()
+def generation_baseline(llm, limit: int, max_tokens: int = 256) -> dict:
+    """Base accuracy on GSM8K and MATH-500 (free-form), to show why they are not used."""
+    from vllm import SamplingParams
+
+    out = {}
+    for name in tasks.GENERATION:
+        items = tasks.generation_examples(name, limit)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                            stop=["\n\nQuestion:", "\n\nProblem:", "Problem:"],
+                            extra_args={"drllm_mode": "full"})
+        gens = llm.generate([c for c, _ in items], sp, use_tqdm=False)
+        correct = 0
+        for (_, gold), g in zip(items, gens):
+            ans = tasks.generated_answer(name, g.outputs[0].text)
+            correct += ans is not None and tasks.normalise_answer(ans) == tasks.normalise_answer(gold)
+        out[name] = {"n": len(items), "accuracy": 100 * correct / len(items)}
+    return out
+
+
+def table(report: dict) -> str:
+    names = list(tasks.IN_DOMAIN) + ["in_domain"] + list(tasks.OUT_OF_DOMAIN) + ["out_of_domain"]
+    lines = ["| method | " + " | ".join(names) + " | layers (in-domain) |",
+             "|---" * (len(names) + 2) + "|"]
+    for m, r in report["methods"].items():
+        t = r["tasks"]
+        cells = [f"{t[n]['accuracy']:.1f}" if n in t else "-" for n in names]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {t['in_domain']['layers']:.2f} |")
+    return "\n".join(lines)
+
+
+def plots(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for prefix, style, label in (("routed", "o-", "routed (bias knob)"),
+                                 ("static", "s--", "static pruning (block influence)"),
+                                 ("base", "k*", "base (all layers)")):
+        pts = sorted((m["tasks"]["in_domain"]["layers"], m["tasks"]["in_domain"]["accuracy"])
+                     for n, m in report["methods"].items() if n.startswith(prefix))
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, markersize=8)
+    ax.set_xlabel("mean layer applications per example (in-domain)")
+    ax.set_ylabel("accuracy % (in-domain macro average)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out.with_name(out.stem + "_pareto.png"))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    if report.get("heatmap_bias0"):
+        counts = torch.tensor(report["heatmap_bias0"], dtype=torch.float)
+        frac = (counts / counts.sum(1, keepdim=True)).T
+        fig, ax = plt.subplots(figsize=(9, 2.4))
+        im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks([0, 1, 2], ["skip", "execute", "repeat"])
+        ax.set_xlabel("layer")
+        ax.set_title("routed (bias 0): share of evaluation examples per decision")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        files.append(out.with_name(out.stem + "_heatmap.png"))
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def provenance(checkpoint: Path) -> dict:
+    import transformers
+    import vllm
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
+            "cpus": torch.get_num_threads(), "command": " ".join(["drllm"] + sys.argv[1:]),
+            "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "checkpoint": str(checkpoint), "routers_trained": config["drllm"].get("trained"),
+            "routers_sha256": (config["drllm"].get("router_card") or {}).get("routers_sha256")}
+
+
+def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
+         generation: int, out: Path, dtype: str = "bfloat16", log=print) -> dict:
+    """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
+    record the table in the shipped router card when these are its routers."""
+    from .checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
+    from .scoring import Scorer, make_engine
+
+    llm = make_engine(checkpoint, dtype=dtype)
+    report = {**provenance(checkpoint), "dtype": dtype}
+    report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, log=log))
+    if generation:
+        report["generation_base"] = generation_baseline(llm, generation)
+        log("free-form generation, base model: " + ", ".join(
+            f"{k} {v['accuracy']:.1f}% of {v['n']}" for k, v in report["generation_base"].items()))
+    md = table(report)
+    print("\n" + md + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(
+        f"# Dr.LLM evaluation ({report['date']})\n\n`{report['command']}`\n\n{md}\n")
+    files = plots(report, out)
+    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, "
+        + ", ".join(map(str, files)))
+    shipped = shipped_routers(model)
+    if shipped and shipped[1]["routers_sha256"] == report["routers_sha256"]:
+        card_path = ROUTER_WEIGHTS_DIR / model / "card.json"
+        card = json.loads(card_path.read_text())
+        card["evaluation"] = {"command": report["command"], "date": report["date"],
+                              "limits": report["limits"], "table": md,
+                              "methods": {n: m["tasks"] for n, m in report["methods"].items()}}
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        log(f"recorded the table in {card_path}")
+    return report
