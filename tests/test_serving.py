@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -51,10 +52,12 @@ def server(checkpoint, tmp_path_factory):
     cmd = [str(BIN / "drllm"), "serve", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # its own process group: teardown stops the engine core and worker too
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 420
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -64,15 +67,19 @@ def server(checkpoint, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"server not up after 300 s:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"server not up after 420 s:\n{log.read_text()[-3000:]}")
             time.sleep(1)
         yield url, log
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        try:  # whatever is left of the group (vLLM ignores SIGTERM while starting)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -291,10 +298,15 @@ def test_bad_checkpoints_fail_startup_with_one_clear_line(checkpoint, tmp_path):
         procs[case] = subprocess.Popen(
             [str(BIN / "vllm"), "serve", str(path), "--port", str(_free_port())],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for case, proc in procs.items():
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode != 0, case
-        assert "Traceback" not in out + err, (case, err[-2000:])
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("drllm: error: "), (case, last)
-        assert re.search(BAD_CHECKPOINTS[case][1], last), (case, last)
+    try:
+        for case, proc in procs.items():
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode != 0, case
+            assert "Traceback" not in out + err, (case, err[-2000:])
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("drllm: error: "), (case, last)
+            assert re.search(BAD_CHECKPOINTS[case][1], last), (case, last)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
