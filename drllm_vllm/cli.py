@@ -97,7 +97,8 @@ def cmd_search(args) -> None:
         return
     out = Path(args.out or _model_dir(args.model) / "search.jsonl")
     run_search(scorer, out, args.tasks.split(","), args.limit,
-               MCTSConfig(simulations=args.simulations), pool=args.pool, seed=args.seed)
+               MCTSConfig(simulations=args.simulations), pool=args.pool, seed=args.seed,
+               tolerance=args.tolerance)
 
 
 def cmd_train(args) -> None:
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--simulations", type=int, default=50)
     m.add_argument("--pool", type=int, default=32, help="examples searched in lock-step")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--tolerance", type=float, default=0.05,
+                   help="max drop of the gold's log-prob per character for a reward")
     m.add_argument("--dtype", default="bfloat16")
     m.add_argument("--out", default=None, help="JSONL (default router_weights/<model>/search.jsonl)")
     m.add_argument("--compare-speed", type=int, default=0, metavar="N",

@@ -145,7 +145,10 @@ def generation_baseline(llm, limit: int, max_tokens: int = 256) -> dict:
 
     out = {}
     for name in tasks.GENERATION:
-        items = tasks.generation_examples(name, limit)
+        tok = llm.get_tokenizer()
+        room = llm.llm_engine.model_config.max_model_len - max_tokens
+        items = [(c, g) for c, g in tasks.generation_examples(name, 4 * limit)
+                 if len(tok.encode(c)) <= room][:limit]
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             stop=["\n\nQuestion:", "\n\nProblem:", "Problem:"],
                             extra_args={"drllm_mode": "full"})

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .schedule import Schedule, layer_applications
-from .tasks import Example, continuation_logprob, encode, pick
+from .tasks import Example, continuation_logprob, encode, per_char, pick
 
-ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=8192, max_num_seqs=64)
+ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Scored:
     correct: bool
     schedule: Schedule  # the schedule the question ran under
     layer_applications: int
+    gold_score: float  # the gold choice's log-probability per character
 
 
 def make_engine(checkpoint: str, dtype: str = "bfloat16", **overrides):
@@ -87,5 +88,7 @@ class Scorer:
                                    f"different schedules {schedules[k]}")
             (sched,) = schedules[k]
             pred = pick(logprobs[k], e.continuations)
-            results.append(Scored(pred, pred == e.gold, sched, layer_applications(sched)))
+            gold_score = per_char(logprobs[k], e.continuations)[e.gold]
+            results.append(Scored(pred, pred == e.gold, sched, layer_applications(sched),
+                                  gold_score))
         return results

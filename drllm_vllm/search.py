@@ -5,6 +5,13 @@ search names the path it needs next, and all of them are scored in one
 engine call as forced schedules (many examples' simulations per call, so the
 search runs at serving throughput). A finished example is appended to a
 JSONL file at once, so an interrupted run resumes where it stopped.
+
+Reward: the path answers correctly (cloze, per-character normalised) AND
+keeps the gold answer's log-probability per character within `tolerance`
+of the full model's. Without the second condition the search finds paths
+that break the model (e.g. skip the first two layers): a broken model
+spreads probability evenly, and per-character normalisation then picks the
+longest choice, which in ARC is often the gold one.
 """
 
 from __future__ import annotations
@@ -37,9 +44,19 @@ def zip_longest_all(lists):
         yield [lst[i] for lst in lists if i < len(lst)]
 
 
+DEFAULT_TOLERANCE = 0.05  # nats per character
+
+
+def reward(path_result, default_result, tolerance: float = DEFAULT_TOLERANCE) -> float:
+    """1 if the path is right without losing the full model's grip on the gold."""
+    ok = path_result.correct and (
+        path_result.gold_score >= default_result.gold_score - tolerance)
+    return float(ok)
+
+
 def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = None,
                config: MCTSConfig = MCTSConfig(), pool: int = 32, seed: int = 0,
-               log=print) -> list[dict]:
+               tolerance: float = DEFAULT_TOLERANCE, log=print) -> list[dict]:
     from tqdm import tqdm
 
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
@@ -66,7 +83,8 @@ def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = N
                 scored = scorer.score([(e, {"drllm_mode": "schedule", "drllm_schedule": list(p)})
                                        for e, _, _, p in batch])
                 for (e, s, stats, p), r in zip(batch, scored):
-                    s.report(p, float(r.correct))
+                    default = stats.setdefault("default", r)  # the root is scored first
+                    s.report(p, reward(r, default, tolerance))
                     stats["forward_passes"] += len(e.continuations)
                 paths += len(batch)
             still = []
@@ -86,7 +104,7 @@ def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = N
 
 
 def record(e: tasks.Example, s: Search, stats: dict) -> dict:
-    return {"task": e.task, "doc_id": e.doc_id, "default_correct": s.default_correct,
+    return {"task": e.task, "doc_id": e.doc_id, "default_correct": stats["default"].correct,
             "best": list(s.best) if s.best else None, "simulations": s.simulations,
             "paths": s.paths_evaluated, "forward_passes": stats["forward_passes"]}
 

@@ -191,9 +191,14 @@ def continuation_logprob(prompt_logprobs, ids: list[int], start: int) -> float:
     return sum(prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids)))
 
 
+def per_char(logprobs: list[float], continuations: tuple[str, ...]) -> list[float]:
+    """Log-probability per character of each choice (the rc score)."""
+    return [lp / max(len(c), 1) for lp, c in zip(logprobs, continuations)]
+
+
 def pick(logprobs: list[float], continuations: tuple[str, ...]) -> int:
     """Per-character normalised argmax (ties: first choice)."""
-    scores = [lp / max(len(c), 1) for lp, c in zip(logprobs, continuations)]
+    scores = per_char(logprobs, continuations)
     return max(range(len(scores)), key=scores.__getitem__)
 
 

@@ -117,6 +117,18 @@ def test_search_resumes_and_rewards_are_correctness(dr_llm, tmp_path):
 
 # ---------------------------------------------------------------- MCTS
 
+def test_reward_needs_the_gold_to_keep_its_likelihood():
+    from drllm_vllm.scoring import Scored
+    from drllm_vllm.search import reward
+
+    full = Scored(pred=1, correct=False, schedule=(1,) * 3, layer_applications=3, gold_score=-0.50)
+    right = Scored(0, True, (1, 0, 1), 2, gold_score=-0.52)
+    broken = Scored(0, True, (0, 0, 1), 1, gold_score=-1.60)  # right for the wrong reason
+    wrong = Scored(1, False, (1, 0, 1), 2, gold_score=-0.40)
+    assert [reward(r, full) for r in (right, broken, wrong)] == [1.0, 0.0, 0.0]
+    assert reward(right, full, tolerance=0.01) == 0.0
+
+
 def run_to_end(search: Search, reward) -> Search:
     while (p := search.pending()) is not None:
         search.report(p, reward(p))
