@@ -123,7 +123,8 @@ def cmd_eval(args) -> None:
 
     biases = [float(b) for b in args.biases.split(",")]
     run(Path(args.checkpoint) if args.checkpoint else prepare(args.model), args.model,
-        args.limit_in, args.limit_out, biases, args.generation, Path(args.out), args.dtype)
+        args.limit_in, args.limit_out, biases, args.generation, Path(args.out), args.dtype,
+        args.shots)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--limit-out", type=int, default=100, help="per out-of-domain task")
     e.add_argument("--biases", default="-0.6,-0.3,0,0.3")
     e.add_argument("--generation", type=int, default=50, help="GSM8K/MATH base examples")
+    e.add_argument("--shots", type=int, default=0, choices=[0, 5],
+                   help="0: question only (as searched and trained); 5: OLMES contexts")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct")
     e.set_defaults(func=cmd_eval)

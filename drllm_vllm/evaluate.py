@@ -96,11 +96,12 @@ def decision_counts(results, num_layers: int) -> list[list[int]]:
 
 
 def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
-             biases=DEFAULT_BIASES, influence_prompts: int = 64, log=print) -> dict:
+             biases=DEFAULT_BIASES, shots: int = 0, influence_prompts: int = 64,
+             log=print) -> dict:
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
-    examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(t, "eval", limit_in)]
-    examples += [e for t in tasks.OUT_OF_DOMAIN for e in tasks.load(t, "eval", limit_out)]
-    log(f"eval: {len(examples)} examples ({limit_in} per in-domain task, "
+    examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(t, "eval", limit_in, shots)]
+    examples += [e for t in tasks.OUT_OF_DOMAIN for e in tasks.load(t, "eval", limit_out, shots)]
+    log(f"eval: {len(examples)} examples, {shots}-shot ({limit_in} per in-domain task, "
         f"{limit_out} per out-of-domain task), {sum(len(e.continuations) for e in examples)} "
         f"requests per method")
     methods: dict[str, dict] = {}
@@ -135,7 +136,8 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
         run(f"static skip {k}", {"drllm_mode": "schedule",
                                  "drllm_schedule": static_schedule(influence, k)})
     return {"methods": methods, "block_influence": influence, "heatmap_bias0": heat,
-            "num_layers": L, "limits": {"in_domain": limit_in, "out_of_domain": limit_out}}
+            "num_layers": L, "shots": shots,
+            "limits": {"in_domain": limit_in, "out_of_domain": limit_out}}
 
 
 @torch.no_grad()
@@ -225,7 +227,8 @@ def provenance(checkpoint: Path) -> dict:
 
 
 def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
-         generation: int, out: Path, dtype: str = "bfloat16", log=print) -> dict:
+         generation: int, out: Path, dtype: str = "bfloat16", shots: int = 0,
+         log=print) -> dict:
     """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
     record the table in the shipped router card when these are its routers."""
     from .checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
@@ -233,7 +236,7 @@ def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
 
     llm = make_engine(checkpoint, dtype=dtype)
     report = {**provenance(checkpoint), "dtype": dtype}
-    report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, log=log))
+    report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, shots, log=log))
     if generation:
         report["generation_base"] = generation_baseline(llm, generation)
         log("free-form generation, base model: " + ", ".join(

