@@ -30,9 +30,9 @@ CLASS_NAMES = ("skip", "execute", "repeat")
 
 def class_weights(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
     """Effective-number weights (1-beta)/(1-beta^n_c), normalised to sum to C.
-    A class with no examples gets the weight of a class with one."""
-    n = counts.clamp(min=1).double()
-    w = (1 - beta) / (1 - beta ** n)
+    A class with no examples gets weight 0 (it has no loss terms to weigh)."""
+    n = counts.double()
+    w = torch.where(n > 0, (1 - beta) / (1 - beta ** n.clamp(min=1)), torch.zeros_like(n))
     return (w / w.sum() * len(counts)).float()
 
 
@@ -227,7 +227,7 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     L = config["num_hidden_layers"]
     data = labelled(records)
-    x, mask, y = compute_features(Path(checkpoint), data, cache_dir() / "features" / f"{model}.pt")
+    x, mask, y = compute_features(Path(checkpoint), data, cache_dir() / "features" / f"{model}-zero-shot.pt")
     val = torch.tensor([is_validation(r["task"], r["doc_id"], cfg.val_fraction) for r in data])
     routers, history = train(x, mask, y, val, cfg, config["drllm"].get("bottleneck", 128), log)
     best = max(history, key=lambda h: h["val_macro_f1"])

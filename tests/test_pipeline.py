@@ -171,6 +171,9 @@ def test_mcts_stops_early_and_memoises():
 def test_focal_loss_and_class_weights_by_hand():
     alpha = class_weights(torch.tensor([1, 98, 1]))
     assert torch.allclose(alpha, torch.tensor([1.492012, 0.015975, 1.492012]), atol=1e-5)
+    # an absent class weighs nothing; the present ones share the sum of 3
+    assert torch.allclose(class_weights(torch.tensor([1, 98, 0])),
+                          torch.tensor([2.968219, 0.031781, 0.0]), atol=1e-5)
     logits = torch.tensor([[0.0, math.log(3.0), 0.0]])  # p = 0.2, 0.6, 0.2
     loss = focal_loss(logits, torch.tensor([1]), torch.tensor([1.0, 2.0, 1.0]))
     assert loss.item() == pytest.approx(2 * 0.4 ** 2 * -math.log(0.6), rel=1e-6)  # 0.163464
