@@ -373,6 +373,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plain-default", action="store_true",
                    help="skip plain vLLM's default (compiled) mode")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="only these workloads (names as in the table, e.g. full skip-9 "
+                   "plain-eager); a focused A/B with more rounds")
     p.add_argument("--out", default=None, help="results file stem (default: by date)")
     p.add_argument("--results-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -392,6 +395,11 @@ def main(argv=None) -> dict:
     names = ["plain-eager", "drllm", "grouping-on", "grouping-off"]
     if not args.no_plain_default:
         names.insert(0, "plain-default")
+    if args.cases:  # only the engines those workloads use (drllm: for the tokenizer)
+        wanted = {k.engine for c in args.concurrency
+                  for k in workload_cases(c, 30, args.biases, 0) + grouping_cases(1, 30, 0)
+                  if k.name in args.cases}
+        names = [n for n in names if n in wanted | {"drllm"}]
     started = time.perf_counter()
     engines, checkpoint = start_engines(args, names)
     tokenizer = engines["drllm"].get_tokenizer()
@@ -402,9 +410,13 @@ def main(argv=None) -> dict:
 
     plan = []  # (concurrency, cases, rounds)
     for c in args.concurrency:
-        cases = [k for k in workload_cases(c, L, args.biases, args.seed) if k.engine in engines]
+        cases = [k for k in workload_cases(c, L, args.biases, args.seed) if k.engine in engines
+                 and (not args.cases or k.name in args.cases)]
         plan.append((c, cases, args.rounds))
-    plan.append((args.group_batch, grouping_cases(args.group_batch, L, args.seed), args.rounds))
+    grouping = [k for k in grouping_cases(args.group_batch, L, args.seed)
+                if not args.cases or k.name in args.cases]
+    if grouping:
+        plan.append((args.group_batch, grouping, args.rounds))
     total = sum(len(cases) * r for _, cases, r in plan)
     bar = tqdm(total=total, desc="rounds", file=sys.stderr)
     for c, cases, rounds in plan:
@@ -427,12 +439,13 @@ def main(argv=None) -> dict:
             if default is not None:
                 r["x_plain_default"] = r["out_tok_s"] / default["out_tok_s"]
             rows.append(r)
-        if eager is None:  # grouping rows: relative to grouping off
-            off = by_name[f"pool{POOL}-grouping-off"]
+        off = by_name.get(f"pool{POOL}-grouping-off")
+        if eager is None and off is not None:  # grouping rows: relative to grouping off
             for r in rows[-len(cases):]:
                 r["x_plain_eager"] = r["out_tok_s"] / off["out_tok_s"]
                 r["relative_to"] = "grouping-off"
         for r in rows[-len(cases):]:
+            r.setdefault("x_plain_eager", float("nan"))
             r["of_ideal"] = r["x_plain_eager"] / r["ideal_mean"]
     # full mode must give plain vLLM's tokens (same dtype, same batch)
     for c, cases, _ in plan:
