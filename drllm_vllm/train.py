@@ -56,10 +56,18 @@ def per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_C
 
 
 class StackedRouters(nn.Module):
-    """All L routers as one batched MLP: [B, L, W, d] window means -> [B, L, 3]."""
+    """All L routers as one batched MLP: [B, L, W, d] window means -> [B, L, 3].
+
+    Inputs are standardised per layer and feature (`set_input_stats`): the raw
+    residual stream of SmolLM2 has features of very different scales, and
+    without it the focal loss starts near 25 and training is erratic. The
+    standardisation is affine, so the export folds it into fc1: the engine's
+    routers read the raw stream, unchanged."""
 
     def __init__(self, num_layers: int, hidden_size: int, bottleneck: int = 128, seed: int = 0):
         super().__init__()
+        self.register_buffer("mu", torch.zeros(num_layers, hidden_size))
+        self.register_buffer("sigma", torch.ones(num_layers, hidden_size))
         g = torch.Generator().manual_seed(seed)
 
         def xavier(fan_out: int, fan_in: int) -> nn.Parameter:
@@ -71,7 +79,14 @@ class StackedRouters(nn.Module):
         self.w2 = xavier(NUM_CLASSES, bottleneck)
         self.b2 = nn.Parameter(torch.zeros(num_layers, NUM_CLASSES))
 
+    def set_input_stats(self, x: torch.Tensor, window_mask: torch.Tensor) -> None:
+        """Per-layer feature mean and std over examples and existing windows."""
+        rows = x.float().permute(1, 0, 2, 3)[:, window_mask]  # [L, n, d]
+        self.mu.copy_(rows.mean(1))
+        self.sigma.copy_(rows.std(1).clamp(min=1e-3))
+
     def forward(self, x: torch.Tensor, window_mask: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mu[:, None]) / self.sigma[:, None]
         h = nn.functional.gelu(torch.einsum("blwd,lhd->blwh", x, self.w1) + self.b1[:, None],
                                approximate="tanh")
         logits = torch.einsum("blwh,lch->blwc", h, self.w2) + self.b2[:, None]
@@ -79,11 +94,15 @@ class StackedRouters(nn.Module):
         return (logits * m).sum(2) / m.sum(2)
 
     def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Router tensors by engine name, standardisation folded into fc1:
+        W1 (x - mu) / sigma + b1 = (W1 / sigma) x + (b1 - (W1 / sigma) mu)."""
+        w1 = self.w1.detach() / self.sigma[:, None, :]
+        b1 = self.b1.detach() - torch.einsum("lhd,ld->lh", w1, self.mu)
         out = {}
         for i in range(self.w1.shape[0]):
-            for name, t in (("fc1.weight", self.w1), ("fc1.bias", self.b1),
-                            ("fc2.weight", self.w2), ("fc2.bias", self.b2)):
-                out[f"model.routers.{i}.{name}"] = t[i].detach().float().contiguous().clone()
+            for name, t in (("fc1.weight", w1), ("fc1.bias", b1),
+                            ("fc2.weight", self.w2.detach()), ("fc2.bias", self.b2.detach())):
+                out[f"model.routers.{i}.{name}"] = t[i].float().contiguous().clone()
         return out
 
 
@@ -164,6 +183,7 @@ def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print):
     counts = torch.bincount(y[tr].flatten(), minlength=NUM_CLASSES)
     alpha = class_weights(counts, cfg.beta)
     model = StackedRouters(L, d, bottleneck, cfg.seed)
+    model.set_input_stats(x[tr], mask[tr])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs

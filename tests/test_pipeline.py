@@ -186,11 +186,13 @@ def test_training_on_a_small_cached_set_reduces_the_loss():
     N, L, W, d = 96, 3, 4, 16
     base = torch.randn(N, L, 1, d, generator=g)
     x = base + 0.3 * torch.randn(N, L, W, d, generator=g)  # windows share a signal
+    x = x * torch.logspace(-1, 2, d) + 5.0  # features of very different scales and offsets
     y = (base[..., 0, 0] > -0.5).long() + (base[..., 0, 1] > 0.5).long()  # 0/1/2
     mask = torch.ones(N, W, dtype=torch.bool)
     val = torch.arange(N) % 6 == 0
     cfg = TrainConfig(epochs=30, batch_size=16, warmup_steps=10, lr=3e-3)
     untrained = StackedRouters(L, d, 32)
+    untrained.set_input_stats(x[~val], mask[~val])
     alpha = class_weights(torch.bincount(y[~val].flatten(), minlength=3))
     before = focal_loss(untrained(x[~val], mask[~val]).reshape(-1, 3), y[~val].flatten(), alpha)
     model, history = train(x.half(), mask, y, val, cfg, bottleneck=32, log=lambda *_: None)
@@ -198,6 +200,17 @@ def test_training_on_a_small_cached_set_reduces_the_loss():
     assert after.item() < 0.5 * before.item()
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert max(h["val_macro_f1"] for h in history) > 0.45  # chance is about 1/3
-    # the exported tensors have the engine's router names and shapes
+    # the exported tensors have the engine's names and shapes, and the engine's
+    # Router on the raw window means gives the trained logits (folded standardisation)
+    from drllm_vllm.router import Router
+
     sd = model.state_dict_for_checkpoint()
     assert sd["model.routers.2.fc1.weight"].shape == (32, d) and len(sd) == 4 * L
+    assert model.sigma.std() > 0  # the stats were set from the data
+    with torch.no_grad():
+        expected = model(x[:5], mask[:5])
+        for layer in range(L):
+            r = Router(d, 32)
+            r.load_state_dict({k.split(f"routers.{layer}.")[1]: v for k, v in sd.items()
+                               if f"routers.{layer}." in k})
+            assert torch.allclose(r(x[:5, layer]), expected[:, layer], atol=1e-4)
