@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--limit-out", type=int, default=100, help="per out-of-domain task")
     e.add_argument("--biases", default="-0.6,-0.3,0,0.3")
     e.add_argument("--generation", type=int, default=50, help="GSM8K/MATH base examples")
-    e.add_argument("--shots", type=int, default=0, choices=[0, 5],
-                   help="0: question only (as searched and trained); 5: OLMES contexts")
+    e.add_argument("--shots", type=int, default=None, choices=[0, 5],
+                   help="0: question only; 5: OLMES contexts (default: as searched and "
+                   "trained, zero-shot except arithmetic)")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct")
     e.set_defaults(func=cmd_eval)

@@ -96,12 +96,13 @@ def decision_counts(results, num_layers: int) -> list[list[int]]:
 
 
 def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
-             biases=DEFAULT_BIASES, shots: int = 0, influence_prompts: int = 64,
+             biases=DEFAULT_BIASES, shots: int | None = None, influence_prompts: int = 64,
              log=print) -> dict:
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
     examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(t, "eval", limit_in, shots)]
     examples += [e for t in tasks.OUT_OF_DOMAIN for e in tasks.load(t, "eval", limit_out, shots)]
-    log(f"eval: {len(examples)} examples, {shots}-shot ({limit_in} per in-domain task, "
+    log(f"eval: {len(examples)} examples, shots {shots if shots is not None else tasks.DEFAULT_SHOTS} "
+        f"({limit_in} per in-domain task, "
         f"{limit_out} per out-of-domain task), {sum(len(e.continuations) for e in examples)} "
         f"requests per method")
     methods: dict[str, dict] = {}
@@ -136,7 +137,7 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
         run(f"static skip {k}", {"drllm_mode": "schedule",
                                  "drllm_schedule": static_schedule(influence, k)})
     return {"methods": methods, "block_influence": influence, "heatmap_bias0": heat,
-            "num_layers": L, "shots": shots,
+            "num_layers": L, "shots": {t: tasks.shots_for(t, shots) for t in tasks.SPLITS},
             "limits": {"in_domain": limit_in, "out_of_domain": limit_out}}
 
 
@@ -227,7 +228,7 @@ def provenance(checkpoint: Path) -> dict:
 
 
 def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
-         generation: int, out: Path, dtype: str = "bfloat16", shots: int = 0,
+         generation: int, out: Path, dtype: str = "bfloat16", shots: int | None = None,
          log=print) -> dict:
     """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
     record the table in the shipped router card when these are its routers."""

@@ -61,6 +61,11 @@ def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = N
 
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
     done = {(r["task"], r["doc_id"]) for r in read_records(out)}
+    stale = [r for r in read_records(out) if r.get("shots", 0) != tasks.shots_for(r["task"])]
+    if stale:
+        raise ValueError(f"{out} has {len(stale)} records searched with another prompt "
+                         f"format (e.g. {stale[0]['task']} doc {stale[0]['doc_id']}); "
+                         f"remove them or use another --out")
     queue = [e for e in search_order(task_names, limit, seed) if (e.task, e.doc_id) not in done]
     log(f"search: {len(done)} examples already in {out}, {len(queue)} to go "
         f"(pool {pool}, {config.simulations} simulations each)")
@@ -104,7 +109,8 @@ def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = N
 
 
 def record(e: tasks.Example, s: Search, stats: dict) -> dict:
-    return {"task": e.task, "doc_id": e.doc_id, "default_correct": stats["default"].correct,
+    return {"task": e.task, "doc_id": e.doc_id, "shots": tasks.shots_for(e.task),
+            "default_correct": stats["default"].correct,
             "best": list(s.best) if s.best else None, "simulations": s.simulations,
             "paths": s.paths_evaluated, "forward_passes": stats["forward_passes"]}
 

