@@ -132,7 +132,7 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
                        for e in tasks.load(t, "search", influence_prompts // len(tasks.IN_DOMAIN))]
     influence = block_influence(checkpoint, search_examples)
     ks = sorted({round(L - m["tasks"]["in_domain"]["layers"]) for n, m in methods.items()
-                 if n.startswith("routed")} - {0}, key=abs)
+                 if n.startswith("routed")})
     for k in [k for k in ks if 0 < k < L]:
         run(f"static skip {k}", {"drllm_mode": "schedule",
                                  "drllm_schedule": static_schedule(influence, k)})
@@ -247,7 +247,8 @@ def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(
-        f"# Dr.LLM evaluation ({report['date']})\n\n`{report['command']}`\n\n{md}\n")
+        f"# Dr.LLM evaluation ({report['date']}, {report['machine']}, {report['cpus']} CPUs)"
+        f"\n\n`{report['command']}`\n\n{md}\n")
     files = plots(report, out)
     log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, "
         + ", ".join(map(str, files)))

@@ -42,6 +42,7 @@ class Scorer:
         self.tokenizer = llm.get_tokenizer()
         self.max_len = llm.llm_engine.model_config.max_model_len
         self._encoded: dict[tuple[str, int], tuple[list[list[int]], int]] = {}
+        self._starts: dict[tuple[str, int], list[int]] = {}
 
     def encoded(self, e: Example) -> tuple[list[list[int]], int]:
         key = (e.task, e.doc_id)
@@ -52,7 +53,14 @@ class Scorer:
                 raise ValueError(f"{e.task} doc {e.doc_id}: {longest} tokens > "
                                  f"max_model_len {self.max_len}")
             self._encoded[key] = (prompts, shared)
+            self._starts[key] = [len(p) - len(self.tokenizer.encode(c, add_special_tokens=False))
+                                 for p, c in zip(prompts, e.continuations)]
         return self._encoded[key]
+
+    def continuation_starts(self, e: Example) -> list[int]:
+        """Per choice, the position of its continuation's first token."""
+        self.encoded(e)
+        return self._starts[(e.task, e.doc_id)]
 
     def score(self, items: list[tuple[Example, dict]]) -> list[Scored]:
         """items: (example, drllm controls such as {"drllm_mode": "full"})."""
@@ -77,8 +85,7 @@ class Scorer:
             e = items[k][0]
             ids, _ = self.encoded(e)
             choice = len(logprobs[k])
-            start = len(ids[choice]) - len(self.tokenizer.encode(
-                e.continuations[choice], add_special_tokens=False))
+            start = self.continuation_starts(e)[choice]
             logprobs[k].append(continuation_logprob(out.prompt_logprobs, ids[choice], start))
             schedules[k].add(schedule_of(out))
         results = []

@@ -186,11 +186,10 @@ def speed_comparison(scorer, checkpoint: Path, n_examples: int, out: Path,
         for (e, p), r in zip(items, engine):
             ids, _ = scorer.encoded(e)
             lps = []
-            for choice, seq in enumerate(ids):
-                n = len(scorer.tokenizer.encode(e.continuations[choice], add_special_tokens=False))
+            for seq, start in zip(ids, scorer.continuation_starts(e)):
                 logits, _ = ref.forward(seq, p, all_positions=True)
                 logp = torch.log_softmax(logits[:-1].float(), -1)
-                lps.append(logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-n:].sum().item())
+                lps.append(logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][start - 1:].sum().item())
             agree += (tasks.pick(lps, e.continuations) == e.gold) == r.correct
     t_ref = time.perf_counter() - t0
     result = {**provenance(checkpoint), "examples": n_examples, "paths": len(items),
