@@ -86,6 +86,26 @@ def summarise(results, examples) -> dict:
     return row
 
 
+def paired_delta(base: list[bool], other: list[bool], task_of: list[str]) -> dict:
+    """Per group, the macro mean over tasks of (other - base) accuracy in points
+    and its standard error from the per-example paired differences (the same
+    examples ran under both methods, so example difficulty cancels)."""
+    by_task: dict[str, list[int]] = {}
+    for b, o, t in zip(base, other, task_of):
+        by_task.setdefault(t, []).append(int(o) - int(b))
+    out = {}
+    for group, names in (("in_domain", tasks.IN_DOMAIN), ("out_of_domain", tasks.OUT_OF_DOMAIN)):
+        ds = [by_task[t] for t in names if t in by_task]
+        if not ds:
+            continue
+        means = [sum(d) / len(d) for d in ds]
+        # variance of each task's mean difference (sample variance / n)
+        var = [sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d) for d, m in zip(ds, means)]
+        out[group] = {"delta": 100 * sum(means) / len(ds),
+                      "se": 100 * sum(var) ** 0.5 / len(ds)}
+    return out
+
+
 def decision_counts(results, num_layers: int) -> list[list[int]]:
     """[L][3] how often each layer was skipped / executed / repeated."""
     counts = [[0, 0, 0] for _ in range(num_layers)]
@@ -107,6 +127,8 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
         f"requests per method")
     methods: dict[str, dict] = {}
     heat = None
+    task_of = [e.task for e in examples]
+    base_correct: list[bool] = []
 
     def run(name: str, controls: dict) -> list:
         t0 = time.perf_counter()
@@ -115,12 +137,18 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
             chunk = examples[b: b + 256]
             res += scorer.score([(e, controls) for e in chunk])
             log(f"  {name}: {len(res)}/{len(examples)} examples")
+        correct = [r.correct for r in res]
+        if not base_correct:  # the first method run is the base
+            base_correct.extend(correct)
         methods[name] = {"controls": controls, "seconds": time.perf_counter() - t0,
-                         "tasks": summarise(res, examples)}
-        s = methods[name]["tasks"]
-        log(f"{name}: in-domain {s['in_domain']['accuracy']:.1f}% at "
+                         "tasks": summarise(res, examples),
+                         "vs_base": paired_delta(base_correct, correct, task_of)}
+        s, d = methods[name]["tasks"], methods[name]["vs_base"]
+        log(f"{name}: in-domain {s['in_domain']['accuracy']:.1f}% "
+            f"({d['in_domain']['delta']:+.1f} ± {d['in_domain']['se']:.1f} vs base) at "
             f"{s['in_domain']['layers']:.2f} layers, out-of-domain "
-            f"{s['out_of_domain']['accuracy']:.1f}% ({methods[name]['seconds']:.0f} s)")
+            f"{s['out_of_domain']['accuracy']:.1f}% ({d['out_of_domain']['delta']:+.1f} ± "
+            f"{d['out_of_domain']['se']:.1f}) ({methods[name]['seconds']:.0f} s)")
         return res
 
     run("base", {"drllm_mode": "full"})
@@ -166,13 +194,17 @@ def generation_baseline(llm, limit: int, max_tokens: int = 256) -> dict:
 
 def table(report: dict) -> str:
     names = list(tasks.IN_DOMAIN) + ["in_domain"] + list(tasks.OUT_OF_DOMAIN) + ["out_of_domain"]
-    lines = ["| method | " + " | ".join(names) + " | layers (in-domain) |",
-             "|---" * (len(names) + 2) + "|"]
+    deltas = [f"{g} vs base" for g in ("in_domain", "out_of_domain")]
+    lines = ["| method | " + " | ".join(names + deltas) + " | layers (in-domain) |",
+             "|---" * (len(names) + 4) + "|"]
     for m, r in report["methods"].items():
-        t = r["tasks"]
+        t, d = r["tasks"], r.get("vs_base", {})
         cells = [f"{t[n]['accuracy']:.1f}" if n in t else "-" for n in names]
+        cells += [f"{d[g]['delta']:+.1f} ± {d[g]['se']:.1f}" if g in d else "-"
+                  for g in ("in_domain", "out_of_domain")]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {t['in_domain']['layers']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", "`vs base`: paired difference in accuracy points on the "
+                               "same examples, ± one standard error."])
 
 
 def plots(report: dict, out: Path) -> list[Path]:

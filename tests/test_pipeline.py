@@ -214,3 +214,18 @@ def test_training_on_a_small_cached_set_reduces_the_loss():
             r.load_state_dict({k.split(f"routers.{layer}.")[1]: v for k, v in sd.items()
                                if f"routers.{layer}." in k})
             assert torch.allclose(r(x[:5, layer]), expected[:, layer], atol=1e-4)
+
+
+def test_paired_delta_by_hand():
+    from drllm_vllm.evaluate import paired_delta
+
+    # arc_easy differences 0, +1, -1, 0: mean 0, sample variance 2/3, se^2 = 2/3/4
+    # arc_challenge differences +1, +1: mean 1, variance 0; piqa differences 0, -1
+    base = [1, 0, 1, 1, 0, 0, 1, 1]
+    other = [1, 1, 0, 1, 1, 1, 1, 0]
+    task_of = ["arc_easy"] * 4 + ["arc_challenge"] * 2 + ["piqa"] * 2
+    d = paired_delta(base, other, task_of)
+    assert d["in_domain"]["delta"] == pytest.approx(50.0)
+    assert d["in_domain"]["se"] == pytest.approx(100 * math.sqrt(2 / 3 / 4) / 2)
+    assert d["out_of_domain"]["delta"] == pytest.approx(-50.0)
+    assert d["out_of_domain"]["se"] == pytest.approx(100 * math.sqrt(0.5 / 2))
