@@ -477,6 +477,8 @@ def main(argv=None) -> dict:
         "command": ("python benchmarks/throughput.py " if argv is None else "drllm bench ")
         + " ".join(sys.argv[1:] if argv is None else argv),
         "versions": versions(), "settings": {k: v for k, v in vars(args).items()},
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("VLLM_CPU_", "OMP_", "DRLLM_"))},
         "checkpoint": str(checkpoint), "routers_trained": hf["drllm"].get("trained", False),
         "num_layers": L, "prompts": source, "wall_seconds": time.perf_counter() - started,
         "accuracy_task": "arc_easy test, 0-shot cloze, per-char normalised",

@@ -28,11 +28,14 @@ CLASS_NAMES = ("skip", "execute", "repeat")
 
 # ---------------------------------------------------------------- pure maths
 
-def class_weights(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
+def class_weights(counts: torch.Tensor, beta: float = 0.999, min_count: int = 1) -> torch.Tensor:
     """Effective-number weights (1-beta)/(1-beta^n_c), normalised to sum to C.
-    A class with no examples gets weight 0 (it has no loss terms to weigh)."""
+    A class with fewer than `min_count` labels gets weight 0: with none it has
+    no loss terms, and with a handful it cannot be learned, while its weight
+    (about 1/n) would dwarf the others (one label weighs 600 execute labels)."""
     n = counts.double()
-    w = torch.where(n > 0, (1 - beta) / (1 - beta ** n.clamp(min=1)), torch.zeros_like(n))
+    w = torch.where(n >= max(min_count, 1), (1 - beta) / (1 - beta ** n.clamp(min=1)),
+                    torch.zeros_like(n))
     return (w / w.sum() * len(counts)).float()
 
 
@@ -117,6 +120,7 @@ class TrainConfig:
     warmup_steps: int = 500  # capped at 10% of all steps for small sets
     gamma: float = 2.0
     beta: float = 0.999
+    min_class_count: int = 10  # rarer classes get no weight (see class_weights)
     val_fraction: float = 0.15
     seed: int = 0
 
@@ -185,7 +189,7 @@ def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print):
     N, L, _, d = x.shape
     tr = (~val).nonzero()[:, 0]
     counts = torch.bincount(y[tr].flatten(), minlength=NUM_CLASSES)
-    alpha = class_weights(counts, cfg.beta)
+    alpha = class_weights(counts, cfg.beta, cfg.min_class_count)
     model = StackedRouters(L, d, bottleneck, cfg.seed)
     model.set_input_stats(x[tr], mask[tr])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -174,6 +174,9 @@ def test_focal_loss_and_class_weights_by_hand():
     # an absent class weighs nothing; the present ones share the sum of 3
     assert torch.allclose(class_weights(torch.tensor([1, 98, 0])),
                           torch.tensor([2.968219, 0.031781, 0.0]), atol=1e-5)
+    # so does a class under min_count: one repeat label must not outweigh the rest
+    assert torch.allclose(class_weights(torch.tensor([1, 98, 1]), min_count=2),
+                          torch.tensor([0.0, 3.0, 0.0]), atol=1e-5)
     logits = torch.tensor([[0.0, math.log(3.0), 0.0]])  # p = 0.2, 0.6, 0.2
     loss = focal_loss(logits, torch.tensor([1]), torch.tensor([1.0, 2.0, 1.0]))
     assert loss.item() == pytest.approx(2 * 0.4 ** 2 * -math.log(0.6), rel=1e-6)  # 0.163464
