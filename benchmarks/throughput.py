@@ -98,6 +98,9 @@ def workload_cases(c: int, L: int, biases: list[float], seed: int) -> list[Case]
              Case("full", "drllm", [{"drllm_mode": "full"}] * c, L, L)]
     for k in (3, 6, 9):
         cases.append(Case(f"skip-{k}", "drllm", [forced(even_skip(L, k))] * c, L - k, L - k))
+    # no layer at all: what a step costs besides its layers (embedding, LM head,
+    # sampling, scheduling), which bounds any skip's speed-up (see `attainable`)
+    cases.append(Case("skip-all", "drllm", [forced([0] * L)] * c, 0, 0))
     cases.append(Case("hetero", "drllm", [forced(random_skip(rng, L, 9)) for _ in range(c)],
                       L - 9, None))
     for b in biases:
@@ -218,6 +221,13 @@ def summarise(case: Case, L: int) -> dict:
     }
 
 
+def attainable(full_tok_s: float, no_layers_tok_s: float, fraction: float) -> float:
+    """Speed-up over running every layer if only layer time shrinks: a step
+    costs t0 (no layers) + fraction * (t_full - t0)."""
+    t_full, t0 = 1 / full_tok_s, 1 / no_layers_tok_s
+    return t_full / (t0 + fraction * max(t_full - t0, 0.0))
+
+
 def check_counts(case: Case, L: int) -> list[str]:
     """What the counts must be, whatever the machine's speed."""
     errors = []
@@ -286,7 +296,7 @@ def accuracy(llm, tokenizer, n: int, extra: dict | None) -> float:
 def table(rows: list[dict]) -> str:
     head = (f"{'c':>3} {'case':<22} {'tok/s':>8} {'req/s':>7} {'TTFT ms':>8} "
             f"{'layers/tok':>10} {'union/step':>10} {'x eager':>8} {'x default':>9} "
-            f"{'ideal':>6} {'ideal U':>7} {'of ideal':>8} {'acc':>6}")
+            f"{'ideal':>6} {'ideal U':>7} {'of ideal':>8} {'attain':>6} {'acc':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else ""
@@ -294,12 +304,20 @@ def table(rows: list[dict]) -> str:
             f"{r['concurrency']:>3} {r['case']:<22} {r['out_tok_s']:>8.1f} {r['req_s']:>7.2f} "
             f"{r['ttft_ms']:>8.0f} {r['layers_per_token']:>10.2f} {r['union_per_step']:>10.2f} "
             f"{r['x_plain_eager']:>8.3f} {_f(r.get('x_plain_default')):>9} "
-            f"{r['ideal_mean']:>6.2f} {r['ideal_union']:>7.2f} {r['of_ideal']:>8.2f} {acc:>6}")
+            f"{r['ideal_mean']:>6.2f} {r['ideal_union']:>7.2f} {r['of_ideal']:>8.2f} "
+            f"{_f(r.get('attainable'), 2):>6} {acc:>6}")
     return "\n".join(lines)
 
 
-def _f(x) -> str:
-    return "" if x is None else f"{x:.3f}"
+def _f(x, digits: int = 3) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+LEGEND = ("`x eager`/`x default`: output tokens/s over plain vLLM eager/default; `ideal` = "
+          "L / layer applications per token, `ideal U` = L / layer passes per decode step; "
+          "`of ideal` = x eager / ideal; `attain` = the speed-up left once the cost of a "
+          "step without layers (case skip-all, same batch) is paid: t_full / (t0 + "
+          "executed fraction x (t_full - t0)). Grouping rows are relative to grouping off.")
 
 
 def plot(rows: list[dict], L: int, path: Path) -> None:
@@ -444,9 +462,13 @@ def main(argv=None) -> dict:
             for r in rows[-len(cases):]:
                 r["x_plain_eager"] = r["out_tok_s"] / off["out_tok_s"]
                 r["relative_to"] = "grouping-off"
+        floor = by_name.get("skip-all")
         for r in rows[-len(cases):]:
             r.setdefault("x_plain_eager", float("nan"))
             r["of_ideal"] = r["x_plain_eager"] / r["ideal_mean"]
+            if eager is not None and floor is not None:
+                r["attainable"] = attainable(eager["out_tok_s"], floor["out_tok_s"],
+                                             r["layers_per_token"] / L)
     # full mode must give plain vLLM's tokens (same dtype, same batch)
     for c, cases, _ in plan:
         d = {k.name: k for k in cases}
@@ -493,8 +515,14 @@ def main(argv=None) -> dict:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (results / f"{stem}.md").write_text(
+        f"# Throughput, {result['machine']} ({result['date']})\n\n`{result['command']}`; "
+        f"raw data `{stem}.json`, plot `{stem}.png`. {LEGEND}\n\n```\n{text}\n```\n"
+        f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): {acc}\n"
+        f"routers trained: {result['routers_trained']}; prompts: {source}; "
+        f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}\n")
     plot(rows, L, results / f"{stem}.png")
-    print(f"results: {results / stem}.json / .png")
+    print(f"results: {results / stem}.json / .md / .png")
     if errors:
         print("COUNT ERRORS:\n  " + "\n  ".join(errors), file=sys.stderr)
     return result

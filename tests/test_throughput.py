@@ -89,6 +89,19 @@ def test_quick_benchmark_counts_are_right(quick):
             assert r["layers_per_token"] == r["union_per_step"] == L - k
             assert r["ideal_mean"] == pytest.approx(L / (L - k))
         assert rows[(c, "hetero")]["union_per_step"] <= L
+        none = rows[(c, "skip-all")]
+        assert none["layers_per_token"] == none["union_per_step"] == 0
+        # with no layer left, the attainable speed-up is the one measured
+        assert none["attainable"] == pytest.approx(none["x_plain_eager"])
+        assert rows[(c, "full")]["attainable"] == pytest.approx(1.0)
+
+
+def test_attainable_speedup_by_hand():
+    bench = load_bench()
+    # full 10 tok/s (0.1 s), no layers 50 tok/s (0.02 s): half the layers -> 0.1 / 0.06
+    assert bench.attainable(10.0, 50.0, 0.5) == pytest.approx(0.1 / 0.06)
+    assert bench.attainable(10.0, 50.0, 1.0) == pytest.approx(1.0)
+    assert bench.attainable(10.0, 50.0, 0.0) == pytest.approx(5.0)
 
 
 def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
@@ -102,4 +115,4 @@ def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
 
 def test_quick_benchmark_writes_json_and_png(quick):
     out = Path(quick["settings"]["results_dir"])
-    assert (out / "quick.json").is_file() and (out / "quick.png").is_file()
+    assert all((out / f"quick.{ext}").is_file() for ext in ("json", "png", "md"))
