@@ -94,6 +94,7 @@ def test_quick_benchmark_counts_are_right(quick):
         # with no layer left, the attainable speed-up is the one measured
         assert none["attainable"] == pytest.approx(none["x_plain_eager"])
         assert rows[(c, "full")]["attainable"] == pytest.approx(1.0)
+        assert rows[(c, "plain-eager")]["x_plain_eager_paired"] == pytest.approx(1.0)
 
 
 def test_attainable_speedup_by_hand():
@@ -102,6 +103,8 @@ def test_attainable_speedup_by_hand():
     assert bench.attainable(10.0, 50.0, 0.5) == pytest.approx(0.1 / 0.06)
     assert bench.attainable(10.0, 50.0, 1.0) == pytest.approx(1.0)
     assert bench.attainable(10.0, 50.0, 0.0) == pytest.approx(5.0)
+    # rounds 2/1, 3/2, 4/5: median of 2.0, 1.5, 0.8
+    assert bench.paired_ratio([2.0, 3.0, 4.0], [1.0, 2.0, 5.0]) == pytest.approx(1.5)
 
 
 def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
