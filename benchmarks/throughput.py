@@ -522,19 +522,16 @@ def main(argv=None) -> dict:
         "errors": errors,
     }
     text = table(rows)
-    print(text)
-    print(f"\naccuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): {acc}")
-    print(f"routers trained: {result['routers_trained']}; prompts: {source}; "
-          f"wall {result['wall_seconds']:.0f} s")
+    footer = (f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): "
+              f"{acc}\nrouters trained: {result['routers_trained']}; prompts: {source}; "
+              f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}")
+    print(f"{text}\n\n{footer}")
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (results / f"{stem}.md").write_text(
         f"# Throughput, {result['machine']} ({result['date']})\n\n`{result['command']}`; "
-        f"raw data `{stem}.json`, plot `{stem}.png`. {LEGEND}\n\n```\n{text}\n```\n"
-        f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): {acc}\n"
-        f"routers trained: {result['routers_trained']}; prompts: {source}; "
-        f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}\n")
+        f"raw data `{stem}.json`, plot `{stem}.png`. {LEGEND}\n\n```\n{text}\n```\n{footer}\n")
     plot(rows, L, results / f"{stem}.png")
     print(f"results: {results / stem}.json / .md / .png")
     if errors:
