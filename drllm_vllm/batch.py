@@ -11,12 +11,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .schedule import REPEAT, Schedule
+
+
+# A layer that all but a few of the step's tokens run costs less run on every
+# row, with the few skipping rows' states put back afterwards, than run on a
+# gathered subset with attention metadata of its own (measured on CPU, decode
+# at batch 8 and 64: docs/architecture.md). Their KV entries for the layer get
+# written but are never read: a request skips a layer for all of its tokens.
+RESTORE_MAX_TOKENS = int(os.environ.get("DRLLM_RESTORE_MAX_TOKENS", 4))
+
+
+def token_positions(query_start: np.ndarray, rows: tuple[int, ...]) -> np.ndarray:
+    """Flat positions of the tokens of `rows` in a packed batch whose row r
+    holds tokens query_start[r]:query_start[r + 1], in row order."""
+    r = np.asarray(rows, dtype=np.int64)
+    starts = query_start[r].astype(np.int64)
+    lens = query_start[r + 1] - starts
+    before = np.cumsum(lens) - lens  # output offset where each row begins
+    return np.repeat(starts - before, lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -34,10 +53,12 @@ class StepBatch:
     query_start: np.ndarray  # [R + 1] token offsets of each row
     schedules: list[Schedule | None]  # None: decided by the routers this step
     to_route: list[RouteRequest]
-    # enter(rows, layer_name) -> context in which attention sees only `rows`
-    attention_for_rows: Callable[[tuple[int, ...], str], AbstractContextManager]
+    # enter(rows, their token index, layer_name) -> context in which attention
+    # sees only `rows`
+    attention_for_rows: Callable[[tuple[int, ...], torch.Tensor, str], AbstractContextManager]
     num_layers: int
     _token_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    _restore: dict[tuple[int, ...], tuple[int, ...] | None] = field(default_factory=dict)
     _route_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False
     )
@@ -83,6 +104,16 @@ class StepBatch:
             return self._plan[layer][repeat_pass]
         return self._row_sets(self.actions[:, layer : layer + 1])[0][repeat_pass]
 
+    def rows_to_restore(self, rows: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The rows outside `rows` when they hold at most RESTORE_MAX_TOKENS tokens
+        (run the layer on every row and restore those), else None (run `rows` only)."""
+        if rows not in self._restore:
+            others = tuple(sorted(set(self.all_rows) - set(rows)))
+            qs = self.query_start
+            tokens = int(sum(qs[r + 1] - qs[r] for r in others))
+            self._restore[rows] = others if tokens <= RESTORE_MAX_TOKENS else None
+        return self._restore[rows]
+
     def layer_passes(self) -> int:
         """Layer passes this step runs for anyone: the union over its rows."""
         return int((self.actions > 0).any(0).sum() + (self.actions == REPEAT).any(0).sum())
@@ -96,10 +127,7 @@ class StepBatch:
         (built and copied once per step per row set, not once per layer)."""
         idx = self._token_index.get(rows)
         if idx is None:
-            qs = self.query_start
-            idx = torch.from_numpy(
-                np.concatenate([np.arange(qs[r], qs[r + 1]) for r in rows])
-            ).to(device)
+            idx = torch.from_numpy(token_positions(self.query_start, rows)).to(device)
             self._token_index[rows] = idx
         return idx
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 
@@ -337,42 +338,44 @@ class DrRunnerMixin:
             )
         n = self.input_batch.num_reqs
         qsl = self.query_start_loc.cpu[: n + 1]
+        q_np = qsl.numpy()
         seq_lens = self.seq_lens[:n]
         seq_lens_cpu = self.optimistic_seq_lens_cpu[:n]
         block_table = self.input_batch.block_table[0].get_device_tensor(n)
         group = self.attn_groups[0][0]
         cache: dict[tuple[int, ...], tuple[Any, torch.Tensor]] = {}
 
-        def build(rows: tuple[int, ...], full_slots: torch.Tensor):
-            r = torch.tensor(rows, dtype=torch.long)
-            q_lens = (qsl[1:] - qsl[:-1])[r]
+        def build(rows: tuple[int, ...], tok: torch.Tensor, full_slots: torch.Tensor):
+            r_np = np.asarray(rows, dtype=np.int64)
+            q_lens = q_np[r_np + 1] - q_np[r_np]
             new_qsl = torch.zeros(len(rows) + 1, dtype=qsl.dtype)
-            torch.cumsum(q_lens, 0, out=new_qsl[1:])
-            tok = torch.cat([torch.arange(int(qsl[i]), int(qsl[i + 1])) for i in rows])
-            slots = full_slots[tok.to(full_slots.device)]
-            sl = seq_lens[r.to(seq_lens.device)]
+            new_qsl[1:] = torch.from_numpy(np.cumsum(q_lens))
+            r = torch.from_numpy(r_np)
+            r_dev = r.to(self.device)
+            seq_cpu = seq_lens_cpu[r]
+            slots = full_slots[tok]
             cm = CommonAttentionMetadata(
                 query_start_loc=new_qsl.to(self.device),
                 query_start_loc_cpu=new_qsl,
-                seq_lens=sl,
-                seq_lens_cpu_upper_bound=seq_lens_cpu[r],
+                seq_lens=seq_lens[r_dev],
+                seq_lens_cpu_upper_bound=seq_cpu,
                 num_reqs=len(rows),
                 num_actual_tokens=int(tok.numel()),
                 max_query_len=int(q_lens.max()),
-                max_seq_len=int(seq_lens_cpu[r].max()),
-                block_table_tensor=block_table[r.to(block_table.device)],
+                max_seq_len=int(seq_cpu.max()),
+                block_table_tensor=block_table[r_dev],
                 slot_mapping=slots,
                 causal=True,
             )
             return group.build_metadata(cm), slots
 
         @contextmanager
-        def attention_for_rows(rows: tuple[int, ...], layer_name: str):
+        def attention_for_rows(rows: tuple[int, ...], tok: torch.Tensor, layer_name: str):
             ctx = get_forward_context()
             meta = ctx.attn_metadata
             slot_map = ctx.slot_mapping
             if rows not in cache:
-                cache[rows] = build(rows, slot_map[layer_name])
+                cache[rows] = build(rows, tok, slot_map[layer_name])
             old = meta[layer_name], slot_map[layer_name]
             meta[layer_name], slot_map[layer_name] = cache[rows]
             try:

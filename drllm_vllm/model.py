@@ -118,9 +118,17 @@ class DrModelMixin:
         with _swapped_attention(layer, attn):
             if rows is step.all_rows:  # nothing extra when every row runs it
                 return layer(positions, hidden, residual)
+            others = step.rows_to_restore(rows)
+            if others is not None:  # a few rows skip it: run all, put theirs back
+                keep = step.token_index(others, hidden.device)
+                saved = kernels.gather_rows(hidden, keep), kernels.gather_rows(residual, keep)
+                hidden, residual = layer(positions, hidden, residual)
+                kernels.scatter_rows_(hidden, keep, saved[0])
+                kernels.scatter_rows_(residual, keep, saved[1])
+                return hidden, residual
             name = layer.self_attn.attn.layer_name
             tok = step.token_index(rows, hidden.device)
-            with step.attention_for_rows(rows, name):
+            with step.attention_for_rows(rows, tok, name):
                 h, r = layer(
                     positions[tok],
                     kernels.gather_rows(hidden, tok),

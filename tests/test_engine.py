@@ -97,6 +97,24 @@ def test_forced_schedules_alone_batched_and_oracle_agree(dr_llm, oracle, prompt_
         assert t[0] == ref_tokens, f"batched differs from oracle for {s}"
 
 
+def test_both_row_subset_paths_agree_with_oracle(dr_llm, oracle, prompt_ids):
+    # In decode (one token per row), layer 3 is skipped by 7 rows and layer 4 by
+    # 5: more than RESTORE_MAX_TOKENS, so they run on gathered subsets with
+    # their own attention metadata. Layer 9 is skipped by 2 rows and repeated by
+    # 1: every row runs it and the skipping rows' states are put back.
+    from drllm_vllm.batch import RESTORE_MAX_TOKENS
+
+    assert 2 <= RESTORE_MAX_TOKENS < 5
+    a, b = sched(l3=SKIP, l4=SKIP), sched(l3=SKIP, l9=SKIP)
+    c, d = sched(l9=REPEAT), sched()
+    plan = [a, a, a, a, a, b, b, c, d]
+    got = run(dr_llm, prompt_ids, [forced(s) for s in plan])
+    for p, s, (tokens, schedule) in zip(prompt_ids, plan, got):
+        ref_tokens, _ = oracle.generate(p, MAX_TOKENS, schedule=s)
+        assert schedule == s
+        assert tokens == ref_tokens, f"batched differs from oracle for {s}"
+
+
 @pytest.mark.parametrize("bias", [0.0, -0.4, 0.4])
 def test_routed_schedules_match_oracle_alone_and_mixed(dr_llm, oracle, prompt_ids, bias):
     routed = params(drllm_bias=bias) if bias else params()

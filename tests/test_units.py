@@ -60,3 +60,27 @@ def test_controls_reject_bad_bias(bias):
 def test_controls_defaults_come_from_the_checkpoint():
     c = parse_controls(None, 4, DrConfig(default_mode="full", default_bias=-0.3))
     assert (c.mode, c.bias, c.schedule) == ("full", -0.3, None)
+
+
+def test_step_batch_row_sets_and_token_positions_known_answers():
+    import numpy as np
+
+    from drllm_vllm.batch import StepBatch, token_positions
+
+    # rows hold 3, 1, 4 and 1 tokens
+    q = np.array([0, 3, 4, 8, 9], dtype=np.int32)
+    assert token_positions(q, (0, 2)).tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert token_positions(q, (1, 3)).tolist() == [3, 8]
+    assert token_positions(q, (3,)).tolist() == [8]
+    step = StepBatch(
+        req_ids=["a", "b", "c", "d"], query_start=q,
+        schedules=[(1, 1, 2), (1, 0, 1), (1, 1, 1), (1, 0, 2)], to_route=[],
+        attention_for_rows=None, num_layers=3,
+    )
+    assert step.rows_running(0, False) is step.all_rows
+    assert step.rows_running(0, True) == ()
+    assert step.rows_running(1, False) == (0, 2)
+    assert step.rows_running(2, True) == (0, 3)
+    assert step.token_index((0, 2)).tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert step.layer_passes() == 4  # layers 0, 1, 2 and layer 2's second pass
+    assert step.applications().tolist() == [4, 2, 3, 3]
