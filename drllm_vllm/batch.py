@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-import os
 from dataclasses import dataclass, field
+import os
 
 import numpy as np
 import torch
 
+from .router import route_window
 from .schedule import REPEAT, Schedule
 
 
@@ -44,7 +45,8 @@ class RouteRequest:
 
     row: int
     bias: float
-    route_tokens: int  # pool over the first N tokens of the row's prompt
+    route_tokens: int  # pool over the first N tokens of the row's prompt...
+    route_start: int = 0  # ...from this one on
 
 
 @dataclass
@@ -135,10 +137,12 @@ class StepBatch:
         """(start, pooled length, bias) of each routed row; the same for every layer."""
         if self._route_inputs is None:
             qs = self.query_start
+            windows = [route_window(int(qs[r.row + 1] - qs[r.row]), r.route_tokens, r.route_start)
+                       for r in self.to_route]
             self._route_inputs = (
-                torch.tensor([int(qs[r.row]) for r in self.to_route], dtype=torch.int64),
-                torch.tensor([min(r.route_tokens, int(qs[r.row + 1] - qs[r.row]))
-                              for r in self.to_route], dtype=torch.int64),
+                torch.tensor([int(qs[r.row]) + a for r, (a, _) in zip(self.to_route, windows)],
+                             dtype=torch.int64),
+                torch.tensor([b - a for a, b in windows], dtype=torch.int64),
                 torch.tensor([r.bias for r in self.to_route], dtype=torch.float32),
             )
         return self._route_inputs

@@ -20,7 +20,9 @@ ARCHITECTURES = {
     "DrQwen3ForCausalLM": "Qwen3ForCausalLM",
 }
 MODES = ("routed", "full", "schedule")
-CONTROL_KEYS = ("drllm_mode", "drllm_schedule", "drllm_bias", "drllm_route_tokens")
+CONTROL_KEYS = (
+    "drllm_mode", "drllm_schedule", "drllm_bias", "drllm_route_tokens", "drllm_route_start",
+)
 
 
 class DrConfig(BaseModel):
@@ -82,6 +84,7 @@ class Controls:
     schedule: Schedule | None = None
     bias: float = 0.0
     route_tokens: int | None = None
+    route_start: int = 0
 
 
 def parse_controls(
@@ -128,4 +131,13 @@ def parse_controls(
             f"drllm_route_tokens = {route_tokens!r} is not accepted; use an int >= 1 "
             f"(route on the first N prompt tokens)"
         )
-    return Controls(mode, schedule, float(bias), route_tokens)
+    route_start = args.get("drllm_route_start", 0)
+    if isinstance(route_start, bool) or not isinstance(route_start, int) or route_start < 0 or (
+        route_tokens is not None and route_start >= route_tokens
+    ):
+        within = f" and < drllm_route_tokens = {route_tokens}" if route_tokens else ""
+        raise ValueError(
+            f"drllm_route_start = {route_start!r} is not accepted; use an int >= 0{within} "
+            f"(routers pool prompt tokens from this position on)"
+        )
+    return Controls(mode, schedule, float(bias), route_tokens, route_start)

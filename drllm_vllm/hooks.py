@@ -321,7 +321,7 @@ class DrRunnerMixin:
                     f"routers need its whole prompt in one step"
                 )
             route_tokens = min(controls.route_tokens or num_prompt, num_prompt)
-            to_route.append(RouteRequest(row, controls.bias, route_tokens))
+            to_route.append(RouteRequest(row, controls.bias, route_tokens, controls.route_start))
             return None
         self._drllm_schedules[rid] = schedule
         self._drllm_decided[rid] = schedule

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import parse_drllm_block
-from .router import Router, decide, window_means
+from .router import Router, decide, route_window, window_means
 from .schedule import Schedule
 
 
@@ -48,6 +48,7 @@ class Reference:
         bias: float = 0.0,
         route_tokens: int | None = None,
         pooled: list[torch.Tensor] | None = None,
+        route_start: int = 0,
         all_positions: bool = False,
     ) -> tuple[torch.Tensor, Schedule]:
         """Last-position logits and the schedule used (routed if None given).
@@ -60,13 +61,13 @@ class Reference:
         h = inner.embed_tokens(x)
         pos = torch.arange(len(ids))[None]
         rope = inner.rotary_emb(h, pos)
-        n_route = min(route_tokens or len(ids), len(ids))
+        lo, hi = route_window(len(ids), route_tokens, route_start)
         taken = []
         for i, layer in enumerate(inner.layers):
             if pooled is not None:
-                pooled.append(window_means(h[0, :n_route], self.drllm.num_windows))
+                pooled.append(window_means(h[0, lo:hi], self.drllm.num_windows))
             if schedule is None:
-                logits = self.routers[i](window_means(h[0, :n_route], self.drllm.num_windows))
+                logits = self.routers[i](window_means(h[0, lo:hi], self.drllm.num_windows))
                 a = int(decide(logits[None], bias, i in self.drllm.repeat_layers)[0])
             else:
                 a = schedule[i]
@@ -85,13 +86,15 @@ class Reference:
         bias: float = 0.0,
         route_tokens: int | None = None,
         stop_at_eos: bool = True,
+        route_start: int = 0,
     ) -> tuple[list[int], Schedule]:
         """Greedy tokens; the schedule is fixed on the prompt, then followed."""
         ids = list(ids)
         out: list[int] = []
         eos = self.model.config.eos_token_id
         for _ in range(max_tokens):
-            logits, schedule = self.forward(ids, schedule, bias, route_tokens)
+            logits, schedule = self.forward(ids, schedule, bias, route_tokens,
+                                            route_start=route_start)
             tok = int(logits.argmax())
             out.append(tok)
             ids.append(tok)

@@ -52,6 +52,14 @@ def window_means(x: torch.Tensor, num_windows: int) -> torch.Tensor:
     return x[: w * n].float().reshape(w, n, -1).mean(dim=1)
 
 
+def route_window(num_prompt: int, route_tokens: int | None, route_start: int = 0) -> tuple[int, int]:
+    """Prompt positions [start, end) the routers pool: the first `route_tokens`
+    (all if None), from `route_start` on; both clamped to the prompt, at least
+    its last token."""
+    end = min(route_tokens or num_prompt, num_prompt)
+    return min(route_start, end - 1), end
+
+
 def decide(
     logits: torch.Tensor, bias: torch.Tensor | float, may_repeat: bool
 ) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 One example = one request per choice (max_tokens=1, prompt_logprobs=0), all
 routed on the prompt prefix the choices share (`drllm_route_tokens`), so the
-choices of a question run under one schedule. Many examples, each with its
+choices of a question run under one schedule; in a five-shot context the
+routers pool the question only (`drllm_route_start` after the shots). Many examples, each with its
 own controls (routed, full, a forced schedule, a bias), go to the engine in
 one call: this is how search, evaluation and the benchmarks use it.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .schedule import Schedule, layer_applications
-from .tasks import Example, continuation_logprob, encode, per_char, pick
+from .tasks import Example, continuation_logprob, encode, per_char, pick, question_start
 
 ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
 
@@ -43,6 +44,7 @@ class Scorer:
         self.max_len = llm.llm_engine.model_config.max_model_len
         self._encoded: dict[tuple[str, int], tuple[list[list[int]], int]] = {}
         self._starts: dict[tuple[str, int], list[int]] = {}
+        self._question: dict[tuple[str, int], int] = {}
 
     def encoded(self, e: Example) -> tuple[list[list[int]], int]:
         key = (e.task, e.doc_id)
@@ -53,6 +55,7 @@ class Scorer:
                 raise ValueError(f"{e.task} doc {e.doc_id}: {longest} tokens > "
                                  f"max_model_len {self.max_len}")
             self._encoded[key] = (prompts, shared)
+            self._question[key] = question_start(self.tokenizer, e, prompts[0])
             self._starts[key] = [len(p) - len(self.tokenizer.encode(c, add_special_tokens=False))
                                  for p, c in zip(prompts, e.continuations)]
         return self._encoded[key]
@@ -72,8 +75,11 @@ class Scorer:
         prompts, params, owner = [], [], []
         for k, (e, controls) in enumerate(items):
             ids, shared = self.encoded(e)
+            route = {"drllm_route_tokens": shared}
+            if self._question[(e.task, e.doc_id)]:
+                route["drllm_route_start"] = self._question[(e.task, e.doc_id)]
             sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                extra_args={**controls, "drllm_route_tokens": shared})
+                                extra_args={**controls, **route})
             for p in ids:
                 prompts.append(TokensPrompt(prompt_token_ids=p))
                 params.append(sp)

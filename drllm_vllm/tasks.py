@@ -208,6 +208,21 @@ def encode(tokenizer, example: Example) -> tuple[list[list[int]], int]:
     return prompts, min(shared, ctx_len)
 
 
+def question_start(tokenizer, example: Example, ids: list[int]) -> int:
+    """Where the question begins in `ids` (a choice's prompt): after the
+    few-shot examples of a five-shot context, 0 for a zero-shot one. Routers
+    pool from here (`drllm_route_start`), so questions that share their shots
+    still get schedules of their own."""
+    shots, sep, _ = example.contexts[0].rpartition("\n\n")
+    if not sep or example.task == "mmlu":
+        return 0
+    prefix = tokenizer.encode(shots, add_special_tokens=False)
+    n = 0  # tokens of the shots that tokenise the same inside the whole prompt
+    while n < min(len(prefix), len(ids)) and prefix[n] == ids[n]:
+        n += 1
+    return n
+
+
 def continuation_logprob(prompt_logprobs, ids: list[int], start: int) -> float:
     """Sum of vLLM prompt log-probs of ids[start:] (prompt_logprobs=0 gives the
     actual token at each position)."""

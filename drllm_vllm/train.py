@@ -1,8 +1,8 @@
 """Router training on MCTS labels: cached teacher-forced features, focal loss.
 
 Features: for each searched example with a correct path, the window means
-each router sees when the prompt's shared prefix (the question) runs along
-that label path (teacher forcing), computed once with the reference forward
+each router sees when the prompt's shared prefix runs along that label path,
+over the question's tokens (after the examples of a few-shot context) (teacher forcing), computed once with the reference forward
 and cached. All L routers then train together as one stacked MLP on those
 features: focal loss (gamma 2) with effective-number class weights (beta
 0.999), AdamW (lr 1e-3, wd 0.01), cosine schedule with warm-up. Validation
@@ -158,9 +158,11 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
                 raise ValueError(f"search record {r['task']} doc {r['doc_id']} was searched "
                                  f"{r.get('shots', 0)}-shot; tasks now use "
                                  f"{tasks.shots_for(r['task'])}-shot")
-            ids, shared = tasks.encode(tok, by_task[r["task"]][r["doc_id"]])
+            e = by_task[r["task"]][r["doc_id"]]
+            ids, shared = tasks.encode(tok, e)
             pooled: list[torch.Tensor] = []
-            ref.forward(ids[0][:shared], tuple(r["best"]), pooled=pooled)
+            ref.forward(ids[0][:shared], tuple(r["best"]), pooled=pooled,
+                        route_start=tasks.question_start(tok, e, ids[0]))
             store[_key(r)] = torch.stack(pooled).half()
             if len(store) % 100 == 0:
                 torch.save(store, cache)
@@ -178,7 +180,9 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
 
 
 def _key(r: dict) -> str:
-    return f"{r['task']}:{r['doc_id']}:{r.get('shots', 0)}:{''.join(map(str, r['best']))}"
+    shots = r.get("shots", 0)
+    pooled = f"{shots}q" if shots else "0"  # q: over the question, after the shots
+    return f"{r['task']}:{r['doc_id']}:{pooled}:{''.join(map(str, r['best']))}"
 
 
 # ---------------------------------------------------------------- training

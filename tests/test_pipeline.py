@@ -83,13 +83,16 @@ def test_choices_are_routed_on_the_question_alone(dr_llm, oracle):
     from drllm_vllm.scoring import Scorer
 
     scorer = Scorer(dr_llm)
-    examples = tasks.load("arc_easy", "eval", 3) + tasks.load("winogrande", "eval", 2)
+    examples = (tasks.load("arc_easy", "eval", 3) + tasks.load("winogrande", "eval", 2)
+                + tasks.load("arithmetic", "eval", 2))  # five-shot: pooled after the shots
     for bias in (0.0, -0.3):
         got = scorer.score([(e, {"drllm_bias": bias}) for e in examples])
         for e, r in zip(examples, got):
             ids, shared = scorer.encoded(e)
             assert shared < min(len(p) for p in ids)
-            _, expected = oracle.forward(ids[0][:shared], bias=bias)
+            start = tasks.question_start(scorer.tokenizer, e, ids[0])
+            assert (start > 0) == (e.task == "arithmetic")
+            _, expected = oracle.forward(ids[0][:shared], bias=bias, route_start=start)
             assert r.schedule == expected, (e.task, e.doc_id, bias)
 
 

@@ -84,3 +84,13 @@ def test_step_batch_row_sets_and_token_positions_known_answers():
     assert step.token_index((0, 2)).tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert step.layer_passes() == 4  # layers 0, 1, 2 and layer 2's second pass
     assert step.applications().tolist() == [4, 2, 3, 3]
+
+
+def test_route_window_clamps_to_the_prompt():
+    from drllm_vllm.router import route_window
+
+    assert route_window(10, None) == (0, 10)
+    assert route_window(10, 4) == (0, 4)
+    assert route_window(10, 40, 3) == (3, 10)
+    assert route_window(10, 6, 2) == (2, 6)
+    assert route_window(10, None, 12) == (9, 10)  # at least the last token

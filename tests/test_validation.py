@@ -24,6 +24,8 @@ BAD_CONTROLS = [
     ({"drllm_bias": 3}, r"drllm_bias = 3 .*\[-1, 1\]"),
     ({"drllm_bias": "high"}, r"drllm_bias = 'high'"),
     ({"drllm_route_tokens": 0}, r"drllm_route_tokens = 0"),
+    ({"drllm_route_start": -1}, r"drllm_route_start = -1 .*int >= 0"),
+    ({"drllm_route_start": 5, "drllm_route_tokens": 5}, r"drllm_route_start = 5 .*< drllm_route_tokens = 5"),
     ({"drllm_windows": 4}, r"unknown routing control.*drllm_windows"),
 ]
 
