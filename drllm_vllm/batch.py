@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-import os
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from .schedule import REPEAT, Schedule
 # decoding, one or two skipping each layer; docs/architecture.md). Their KV
 # entries for the layer get written but are never read: a request skips a
 # layer for all of its tokens.
-RESTORE_MAX_TOKENS = int(os.environ.get("DRLLM_RESTORE_MAX_TOKENS", 4))
+RESTORE_MAX_TOKENS = 4
 
 
 def token_positions(query_start: np.ndarray, rows: tuple[int, ...]) -> np.ndarray:

@@ -320,8 +320,8 @@ class DrRunnerMixin:
                     f"request {rid} reached routing with computed tokens; "
                     f"routers need its whole prompt in one step"
                 )
-            route_tokens = min(controls.route_tokens or num_prompt, num_prompt)
-            to_route.append(RouteRequest(row, controls.bias, route_tokens, controls.route_start))
+            to_route.append(RouteRequest(row, controls.bias, controls.route_tokens or num_prompt,
+                                         controls.route_start))
             return None
         self._drllm_schedules[rid] = schedule
         self._drllm_decided[rid] = schedule

@@ -3,8 +3,8 @@
 One example = one request per choice (max_tokens=1, prompt_logprobs=0), all
 routed on the prompt prefix the choices share (`drllm_route_tokens`), so the
 choices of a question run under one schedule; in a five-shot context the
-routers pool the question only (`drllm_route_start` after the shots). Many examples, each with its
-own controls (routed, full, a forced schedule, a bias), go to the engine in
+routers pool the question only (`drllm_route_start` after the shots). Many
+examples, each with its own controls (routed, full, a forced schedule, a bias), go to the engine in
 one call: this is how search, evaluation and the benchmarks use it.
 """
 
@@ -83,8 +83,8 @@ class Scorer:
         for k, (e, controls) in enumerate(items):
             ids, shared = self.encoded(e)
             route = {"drllm_route_tokens": shared}
-            if self._question[(e.task, e.doc_id)]:
-                route["drllm_route_start"] = self._question[(e.task, e.doc_id)]
+            if start := self._question[(e.task, e.doc_id)]:
+                route["drllm_route_start"] = start
             sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                 extra_args={**controls, **route})
             for p in ids:

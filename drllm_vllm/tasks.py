@@ -212,7 +212,8 @@ def question_start(tokenizer, example: Example, ids: list[int]) -> int:
     """Where the question begins in `ids` (a choice's prompt): after the
     few-shot examples of a five-shot context, 0 for a zero-shot one. Routers
     pool from here (`drllm_route_start`), so questions that share their shots
-    still get schedules of their own."""
+    still get schedules of their own. MMLU's zero-shot prompt opens with a
+    subject line and a blank line; that line is part of its question."""
     shots, sep, _ = example.contexts[0].rpartition("\n\n")
     if not sep or example.task == "mmlu":
         return 0
