@@ -10,7 +10,10 @@ both with prefix caching off, since rounds repeat prompts), the plugin, and
 two plugin engines with a small batch that differ only in grouping by
 schedule (DRLLM_GROUPING=1/0). Machines here are noisy, so each workload
 runs in short rounds that alternate between engines (order reversed every
-other round), and each engine's best round counts.
+other round), and each engine's best round counts. When the engine changes,
+the next round waits `--settle` seconds first: an idle vLLM worker keeps
+spinning on its shared-memory queue for about 1 s after its last step
+(measured: one full core), which on 2 cores would slow whoever runs next.
 
 Workloads at each concurrency c (c requests submitted at once):
 - plain vLLM (default, eager); `full`; skip k of L layers, the same k for
@@ -221,6 +224,12 @@ def summarise(case: Case, L: int) -> dict:
     }
 
 
+def rounds_at(concurrency: int, rounds: int) -> int:
+    """Small batches get twice the rounds: their rounds are short (about 2 s on
+    2 cores), so one disturbance weighs more, and they are cheap."""
+    return 2 * rounds if concurrency <= 8 else rounds
+
+
 def paired_ratio(reference_seconds: list[float], seconds: list[float]) -> float:
     """Median over rounds of reference time / case time. Both ran the same
     requests back to back in each round, so slow drift of the machine cancels
@@ -302,6 +311,38 @@ def accuracy(llm, tokenizer, n: int, extra: dict | None) -> float:
 
 
 # -- report --------------------------------------------------------------------
+def targets(rows: list[dict]) -> list[dict]:
+    """The speed targets (issue 6), each with both estimators and whether it is met:
+    full >= 0.98x plain eager at every batch; uniform skip of k >= 0.9 of the ideal
+    L/(L-k) at the smallest and largest batch."""
+    out = []
+    batches = sorted({r["concurrency"] for r in rows if r["case"] == "plain-eager"})
+    for r in rows:
+        c, name = r["concurrency"], r["case"]
+        if c not in batches or r.get("relative_to"):
+            continue
+        if name == "full":
+            need, best, paired = 0.98, r["x_plain_eager"], r["x_plain_eager_paired"]
+            what = "full / plain eager"
+        elif name.startswith("skip-") and name != "skip-all" and c in (batches[0], batches[-1]):
+            need, what = 0.9, f"{name} / ideal {r['ideal_mean']:.2f}"
+            best, paired = r["of_ideal"], r["x_plain_eager_paired"] / r["ideal_mean"]
+        else:
+            continue
+        out.append({"concurrency": c, "target": what, "need": need, "best": best,
+                    "paired": paired, "met_best": best >= need, "met_paired": paired >= need})
+    return out
+
+
+def targets_text(checks: list[dict]) -> str:
+    lines = ["targets: ratio >= need, by best round and by paired median"]
+    for t in checks:
+        lines.append(f"  c={t['concurrency']:<3} {t['target']:<26} need {t['need']:.2f}: "
+                     f"best {t['best']:.3f} {'met' if t['met_best'] else 'MISSED'}, "
+                     f"paired {t['paired']:.3f} {'met' if t['met_paired'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'c':>3} {'case':<22} {'tok/s':>8} {'req/s':>7} {'TTFT ms':>8} "
             f"{'layers/tok':>10} {'union/step':>10} {'x eager':>8} {'paired':>6} {'x default':>9} "
@@ -390,13 +431,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="Dr.LLM checkpoint (default: drllm prepare)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--biases", type=float, nargs="+", default=[-0.25, 0.0])
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per workload")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds per workload (twice as many at batch <= 8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompts truncated to this")
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--group-batch", type=int, default=8,
                    help="max_num_seqs of the grouping on/off engines (queue of 4x this)")
     p.add_argument("--max-overtaken", type=int, default=None,
                    help="DRLLM_MAX_OVERTAKEN for the plugin engines (default 4 x batch)")
+    p.add_argument("--settle", type=float, default=1.5,
+                   help="seconds to wait before a round on another engine than the last "
+                   "(the idle engine's worker spins for ~1 s)")
     p.add_argument("--accuracy-questions", type=int, default=40)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=512)
@@ -414,6 +459,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
+        args.settle = 0.0
     return args
 
 
@@ -442,16 +488,20 @@ def main(argv=None) -> dict:
     for c in args.concurrency:
         cases = [k for k in workload_cases(c, L, args.biases, args.seed) if k.engine in engines
                  and (not args.cases or k.name in args.cases)]
-        plan.append((c, cases, args.rounds))
+        plan.append((c, cases, args.rounds if args.quick else rounds_at(c, args.rounds)))
     grouping = [k for k in grouping_cases(args.group_batch, L, args.seed)
                 if not args.cases or k.name in args.cases]
     if grouping:
         plan.append((args.group_batch, grouping, args.rounds))
     total = sum(len(cases) * r for _, cases, r in plan)
     bar = tqdm(total=total, desc="rounds", file=sys.stderr)
+    last = None
     for c, cases, rounds in plan:
         for i in range(rounds):
             for case in (cases if i % 2 == 0 else cases[::-1]):
+                if case.engine != last:
+                    time.sleep(args.settle)
+                last = case.engine
                 case.rounds.append(run_round(engines[case.engine], case, prompts, args.output_len))
                 bar.update()
     bar.close()
@@ -519,9 +569,12 @@ def main(argv=None) -> dict:
         "num_layers": L, "prompts": source, "wall_seconds": time.perf_counter() - started,
         "accuracy_task": "arc_easy test, 0-shot cloze, per-char normalised",
         "accuracy": acc, "rows": [{k: v for k, v in r.items()} for r in rows],
+        "targets": targets(rows),
         "errors": errors,
     }
     text = table(rows)
+    if result["targets"]:
+        text += "\n\n" + targets_text(result["targets"])
     footer = (f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): "
               f"{acc}\nrouters trained: {result['routers_trained']}; prompts: {source}; "
               f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}")
