@@ -107,6 +107,52 @@ def test_attainable_speedup_by_hand():
     assert bench.paired_ratio([2.0, 3.0, 4.0], [1.0, 2.0, 5.0]) == pytest.approx(1.5)
 
 
+def test_speed_targets_by_hand():
+    bench = load_bench()
+
+    def row(c, case, best, paired, ideal=1.0, **kw):
+        return {"concurrency": c, "case": case, "x_plain_eager": best, "round_seconds": [1.0],
+                "x_plain_eager_paired": paired, "ideal_mean": ideal, "of_ideal": best / ideal, **kw}
+
+    rows = [row(c, "plain-eager", 1.0, 1.0) for c in (1, 8, 64)] + [
+        row(1, "full", 0.97, 0.99),
+        row(1, "skip-3", 1.01, 1.05, ideal=30 / 27),  # 0.909 and 0.945 of ideal
+        row(8, "skip-3", 0.5, 0.5, ideal=30 / 27),  # not a target batch
+        row(64, "skip-9", 1.2, 1.3, ideal=30 / 21),  # 0.84 and 0.91 of ideal
+        row(64, "skip-all", 9.0, 9.0),
+        row(8, "pool4-grouping-on", 1.2, 1.2, relative_to="grouping-off"),
+    ]
+    got = {(t["concurrency"], t["target"].split()[0]): t for t in bench.targets(rows)}
+    assert set(got) == {(1, "full"), (1, "skip-3"), (64, "skip-9")}
+    assert (got[1, "full"]["met_best"], got[1, "full"]["met_paired"]) == (False, True)
+    assert got[1, "skip-3"]["best"] == pytest.approx(0.909) and got[1, "skip-3"]["met_best"]
+    assert got[64, "skip-9"]["best"] == pytest.approx(0.84)
+    assert got[64, "skip-9"]["paired"] == pytest.approx(0.91)
+    assert not got[64, "skip-9"]["met_best"] and got[64, "skip-9"]["met_paired"]
+    assert bench.rounds_at(1, 3) == bench.rounds_at(8, 3) == 6 and bench.rounds_at(32, 3) == 3
+
+    # pooled over batches: plain / full per round at c=1 are 1, 2, 0.5; at c=8 1, 1, 0.5
+    rows = [{"concurrency": 1, "case": "plain-eager", "round_seconds": [1, 1, 1]},
+            {"concurrency": 1, "case": "full", "round_seconds": [1, 0.5, 2]},
+            {"concurrency": 8, "case": "plain-eager", "round_seconds": [2, 2, 2]},
+            {"concurrency": 8, "case": "full", "round_seconds": [2, 2, 4]}]
+    got = bench.pooled_ratio(rows, "full", "plain-eager")
+    assert (got["pairs"], got["paired"], got["low"], got["high"]) == (6, 1.0, 0.5, 2.0)
+
+
+def test_full_mode_token_agreement_by_hand():
+    bench = load_bench()
+
+    def case(*rounds):
+        return bench.Case("x", "x", [None] * 3, rounds=[{"tokens": t} for t in rounds])
+
+    plain = case([[1], [2], [3]], [[1], [2], [4]])  # request 2 flips between plain's rounds
+    full = case([[1], [5], [4]], [[1], [5], [3]])  # request 1 never matches
+    got = bench.token_agreement(full, plain)
+    assert got == {"requests": 3, "equal_first_round": 1, "plain_equal_to_itself": 2,
+                   "never_equal": [1]}
+
+
 def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
     rows = {r["case"]: r for r in quick["rows"]}
     on, off = rows["pool4-grouping-on"], rows["pool4-grouping-off"]
