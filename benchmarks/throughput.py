@@ -120,7 +120,7 @@ def grouping_cases(g: int, L: int, seed: int) -> list[Case]:
 
 
 # -- engines -----------------------------------------------------------------
-def start_engines(args, names: list[str]) -> dict:
+def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[dict, Path]:
     from vllm import LLM
 
     from drllm_vllm.checkpoint import prepare
@@ -139,7 +139,7 @@ def start_engines(args, names: list[str]) -> dict:
         "grouping-off": (checkpoint, dict(max_num_seqs=args.group_batch),
                          {"DRLLM_GROUPING": "0"}),
     }
-    engines = {}
+    engines = dict(engines or {})
     for name in names:
         if name == "grouping-on" and args.group_batch == max(args.concurrency):
             engines[name] = engines["drllm"]  # the same engine: save a start-up
@@ -157,6 +157,30 @@ def start_engines(args, names: list[str]) -> dict:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return engines, checkpoint
+
+
+def run_plan(plan, engines: dict, prompts, args, bar) -> None:
+    """Alternating rounds: each round runs every case once, in reverse order
+    every other round; a round on another engine than the last waits --settle."""
+    last = None
+    for c, cases, rounds in plan:
+        for i in range(rounds):
+            for case in (cases if i % 2 == 0 else cases[::-1]):
+                if case.engine != last:
+                    time.sleep(args.settle)
+                last = case.engine
+                case.rounds.append(run_round(engines[case.engine], case, prompts, args.output_len))
+                bar.update()
+
+
+def vmstat() -> dict[str, int]:
+    """Kernel counters of memory pressure (direct reclaim stalls, major faults)."""
+    keys = ("allocstall_normal", "allocstall_movable", "pgmajfault", "pgscan_direct")
+    try:
+        lines = (line.split() for line in open("/proc/vmstat"))
+        return {k: int(v) for k, v in lines if k in keys}
+    except OSError:
+        return {}
 
 
 def stats(llm, reset: bool) -> dict:
@@ -530,8 +554,12 @@ def main(argv=None) -> dict:
                   for k in workload_cases(c, 30, args.biases, 0) + grouping_cases(1, 30, 0)
                   if k.name in args.cases}
         names = [n for n in names if n in wanted | {"drllm"}]
-    started = time.perf_counter()
-    engines, checkpoint = start_engines(args, names)
+    started, vm0 = time.perf_counter(), vmstat()
+    # Grouping on/off engines start once the others are shut down: an engine's
+    # worker holds 2-3.5 GB after the grid's workloads (measured), and five at
+    # once would push a 24 GiB machine towards reclaim (counted in the JSON).
+    grouping_names = [n for n in names if n.startswith("grouping")]
+    engines, checkpoint = start_engines(args, [n for n in names if n not in grouping_names])
     tokenizer = engines["drllm"].get_tokenizer()
     hf = json.loads((checkpoint / "config.json").read_text())
     L = hf["num_hidden_layers"]
@@ -545,20 +573,33 @@ def main(argv=None) -> dict:
         plan.append((c, cases, args.rounds if args.quick else rounds_at(c, args.rounds)))
     grouping = [k for k in grouping_cases(args.group_batch, L, args.seed)
                 if not args.cases or k.name in args.cases]
-    if grouping:
-        plan.append((args.group_batch, grouping, args.rounds))
-    total = sum(len(cases) * r for _, cases, r in plan)
-    bar = tqdm(total=total, desc="rounds", file=sys.stderr)
-    last = None
-    for c, cases, rounds in plan:
-        for i in range(rounds):
-            for case in (cases if i % 2 == 0 else cases[::-1]):
-                if case.engine != last:
-                    time.sleep(args.settle)
-                last = case.engine
-                case.rounds.append(run_round(engines[case.engine], case, prompts, args.output_len))
-                bar.update()
+    group_plan = [(args.group_batch, grouping, args.rounds)] if grouping else []
+    bar = tqdm(total=sum(len(cases) * r for _, cases, r in plan + group_plan), desc="rounds",
+               file=sys.stderr)
+    run_plan(plan, engines, prompts, args, bar)
+
+    acc = {}
+    if args.accuracy_questions:
+        acc["plain-eager"] = accuracy(engines["plain-eager"], tokenizer, args.accuracy_questions,
+                                      None)
+        acc["full"] = accuracy(engines["drllm"], tokenizer, args.accuracy_questions,
+                               {"drllm_mode": "full"})
+        for b in args.biases:
+            acc[f"routed{b:+.2f}"] = accuracy(engines["drllm"], tokenizer,
+                                              args.accuracy_questions, {"drllm_bias": b})
+    if group_plan:
+        shared = engines["drllm"] if args.group_batch == max(args.concurrency) else None
+        for name, llm in engines.items():
+            if llm is not shared:
+                llm.llm_engine.engine_core.shutdown()
+        engines = {"drllm": shared} if shared is not None else {}
+        engines.update(start_engines(args, grouping_names, engines)[0])
+        run_plan(group_plan, engines, prompts, args, bar)
+        plan += group_plan
     bar.close()
+    for llm in {id(e): e for e in engines.values()}.values():
+        llm.llm_engine.engine_core.shutdown()
+    pressure = {k: v - vm0.get(k, 0) for k, v in vmstat().items()}
 
     errors, rows = [], []
     for c, cases, _ in plan:
@@ -598,21 +639,11 @@ def main(argv=None) -> dict:
                               f"{agreement[c]['never_equal']} differ from plain vLLM's (eager) "
                               f"in every pair of rounds")
 
-    acc = {}
-    if args.accuracy_questions:
-        acc["plain-eager"] = accuracy(engines["plain-eager"], tokenizer, args.accuracy_questions,
-                                      None)
-        acc["full"] = accuracy(engines["drllm"], tokenizer, args.accuracy_questions,
-                               {"drllm_mode": "full"})
+    if acc:
         if acc["full"] != acc["plain-eager"]:
             errors.append(f"full-mode accuracy {acc['full']} != plain vLLM's {acc['plain-eager']}")
-        for b in args.biases:
-            acc[f"routed{b:+.2f}"] = accuracy(engines["drllm"], tokenizer,
-                                              args.accuracy_questions, {"drllm_bias": b})
         for r in rows:
             r["accuracy"] = acc.get(r["case"])
-    for llm in engines.values():
-        llm.llm_engine.engine_core.shutdown()
 
     now = datetime.now(timezone.utc)
     stem = args.out or f"throughput_{'quick_' if args.quick else ''}{now:%Y%m%d_%H%M}"
@@ -628,6 +659,7 @@ def main(argv=None) -> dict:
         "accuracy_task": "arc_easy test, 0-shot cloze, per-char normalised",
         "accuracy": acc, "rows": [{k: v for k, v in r.items()} for r in rows],
         "targets": targets(rows), "full_vs_plain_tokens": agreement,
+        "memory_pressure": pressure,
         "errors": errors,
     }
     text = table(rows)
@@ -635,7 +667,8 @@ def main(argv=None) -> dict:
         text += "\n\n" + targets_text(result["targets"])
     footer = (f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): "
               f"{acc}\nrouters trained: {result['routers_trained']}; prompts: {source}; "
-              f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}")
+              f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}; "
+              f"memory pressure during the run (/proc/vmstat deltas) {pressure}")
     if agreement:
         footer += "\nfull vs plain eager, requests with equal tokens in the first rounds " \
             "(plain eager rounds 0 vs 1): " + ", ".join(
