@@ -6,9 +6,9 @@
 
 Engines live side by side, each in its own engine-core process under this
 one: plain vLLM in its default mode and eager (the plugin's execution mode;
-both with prefix caching off, since rounds repeat prompts), the plugin, and
-two plugin engines with a small batch that differ only in grouping by
-schedule (DRLLM_GROUPING=1/0). Machines here are noisy, so each workload
+both with prefix caching off, since rounds repeat prompts) and the plugin;
+then, once those are shut down, two plugin engines with a small batch that
+differ only in grouping by schedule (DRLLM_GROUPING=1/0). Machines here are noisy, so each workload
 runs in short rounds that alternate between engines (order reversed every
 other round), and each engine's best round counts. When the engine changes,
 the next round waits `--settle` seconds first: an idle vLLM worker keeps
