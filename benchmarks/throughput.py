@@ -8,9 +8,9 @@ Engines live side by side, each in its own engine-core process under this
 one: plain vLLM in its default mode and eager (the plugin's execution mode;
 both with prefix caching off, since rounds repeat prompts) and the plugin;
 then, once those are shut down, two plugin engines with a small batch that
-differ only in grouping by schedule (DRLLM_GROUPING=1/0). Machines here are noisy, so each workload
-runs in short rounds that alternate between engines (order reversed every
-other round), and each engine's best round counts. When the engine changes,
+differ only in grouping by schedule (DRLLM_GROUPING=1/0). Machines here are
+noisy, so each workload runs in short rounds that alternate between engines
+(order reversed every other round), and each engine's best round counts. When the engine changes,
 the next round waits `--settle` seconds first: an idle vLLM worker keeps
 spinning on its shared-memory queue for about 1 s after its last step
 (measured: one full core), which on 2 cores would slow whoever runs next.
@@ -555,9 +555,9 @@ def main(argv=None) -> dict:
                   if k.name in args.cases}
         names = [n for n in names if n in wanted | {"drllm"}]
     started, vm0 = time.perf_counter(), vmstat()
-    # Grouping on/off engines start once the others are shut down: an engine's
-    # worker holds 2-3.5 GB after the grid's workloads (measured), and five at
-    # once would push a 24 GiB machine towards reclaim (counted in the JSON).
+    # Grouping on/off engines start once the others are shut down: a plugin
+    # worker holds 2-3.5 GB after the grid's workloads (measured), so fewer
+    # engines alive hold less memory (reclaim counters go in the JSON).
     grouping_names = [n for n in names if n.startswith("grouping")]
     engines, checkpoint = start_engines(args, [n for n in names if n not in grouping_names])
     tokenizer = engines["drllm"].get_tokenizer()
@@ -589,11 +589,11 @@ def main(argv=None) -> dict:
                                               args.accuracy_questions, {"drllm_bias": b})
     if group_plan:
         shared = engines["drllm"] if args.group_batch == max(args.concurrency) else None
-        for name, llm in engines.items():
+        for llm in engines.values():
             if llm is not shared:
                 llm.llm_engine.engine_core.shutdown()
-        engines = {"drllm": shared} if shared is not None else {}
-        engines.update(start_engines(args, grouping_names, engines)[0])
+        engines, _ = start_engines(args, grouping_names,
+                                   {"drllm": shared} if shared is not None else None)
         run_plan(group_plan, engines, prompts, args, bar)
         plan += group_plan
     bar.close()

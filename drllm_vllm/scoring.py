@@ -4,8 +4,9 @@ One example = one request per choice (max_tokens=1, prompt_logprobs=0), all
 routed on the prompt prefix the choices share (`drllm_route_tokens`), so the
 choices of a question run under one schedule; in a five-shot context the
 routers pool the question only (`drllm_route_start` after the shots). Many
-examples, each with its own controls (routed, full, a forced schedule, a bias), go to the engine in
-one call: this is how search, evaluation and the benchmarks use it.
+examples, each with its own controls (routed, full, a forced schedule, a
+bias), go to the engine in one call: this is how search, evaluation and the
+benchmarks use it.
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 Features: for each searched example with a correct path, the window means
 each router sees when the prompt's shared prefix runs along that label path
 (teacher forcing), pooled over the question's tokens (after the examples of
-a few-shot context), computed once with the reference forward and cached. All L routers then train together as one stacked MLP on those
-features: focal loss (gamma 2) with effective-number class weights (beta
-0.999), AdamW (lr 1e-3, wd 0.01), cosine schedule with warm-up. Validation
-macro-F1 and per-class recall are printed every epoch; the epoch with the
-best validation macro-F1 is kept.
+a few-shot context), computed once with the reference forward and cached.
+All L routers then train together as one stacked MLP on those features:
+focal loss (gamma 2) with effective-number class weights (beta 0.999), AdamW
+(lr 1e-3, wd 0.01), cosine schedule with warm-up. Validation macro-F1 and
+per-class recall are printed every epoch; the epoch with the best validation
+macro-F1 is kept.
 """
 
 from __future__ import annotations
