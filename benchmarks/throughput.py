@@ -6,7 +6,10 @@
 
 Engines live side by side, each in its own engine-core process under this
 one: plain vLLM in its default mode and eager (the plugin's execution mode;
-both with prefix caching off, since rounds repeat prompts) and the plugin;
+both with prefix caching off, since rounds repeat prompts), a second plain
+eager engine as a control (two copies of one engine read apart by the
+machine's noise alone, which shows how small a gap the run can resolve) and
+the plugin;
 then, once those are shut down, two plugin engines with a small batch that
 differ only in grouping by schedule (DRLLM_GROUPING=1/0). Machines here are
 noisy, so each workload runs in short rounds that alternate between engines
@@ -16,7 +19,7 @@ spinning on its shared-memory queue for about 1 s after its last step
 (measured: one full core), which on 2 cores would slow whoever runs next.
 
 Workloads at each concurrency c (c requests submitted at once):
-- plain vLLM (default, eager); `full`; skip k of L layers, the same k for
+- plain vLLM (default, eager, and the eager control `plain-eager-b`); `full`; skip k of L layers, the same k for
   every request (k = 3, 6, 9, spread evenly over the stack); `hetero`: each
   request its own random schedule skipping 9 layers (mean depth L-9);
   `routed` with the checkpoint's routers at several biases.
@@ -98,6 +101,9 @@ def workload_cases(c: int, L: int, biases: list[float], seed: int) -> list[Case]
     rng = random.Random(seed + c)
     cases = [Case("plain-default", "plain-default", [None] * c, L, L),
              Case("plain-eager", "plain-eager", [None] * c, L, L),
+             # control: a second, identical plain eager engine. Its ratio to the
+             # first is how far apart two copies of one engine read on this machine
+             Case("plain-eager-b", "plain-eager-b", [None] * c, L, L),
              Case("full", "drllm", [{"drllm_mode": "full"}] * c, L, L)]
     for k in (3, 6, 9):
         cases.append(Case(f"skip-{k}", "drllm", [forced(even_skip(L, k))] * c, L - k, L - k))
@@ -129,10 +135,11 @@ def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[
     base = checkpoint.parent.parent / "base" / checkpoint.name.removesuffix("-drllm")
     common = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
                   disable_log_stats=False)
+    eager = dict(enable_prefix_caching=False, enforce_eager=True, enable_chunked_prefill=False)
     settings = {
         "plain-default": (base, dict(enable_prefix_caching=False), {}),
-        "plain-eager": (base, dict(enable_prefix_caching=False, enforce_eager=True,
-                                   enable_chunked_prefill=False), {}),
+        "plain-eager": (base, dict(eager), {}),
+        "plain-eager-b": (base, dict(eager), {}),
         "drllm": (checkpoint, {}, {"DRLLM_GROUPING": "1"}),
         "grouping-on": (checkpoint, dict(max_num_seqs=args.group_batch),
                         {"DRLLM_GROUPING": "1"}),
@@ -371,17 +378,25 @@ def targets(rows: list[dict]) -> list[dict]:
         if name == "full":
             need, best, paired = 0.98, r["x_plain_eager"], r["x_plain_eager_paired"]
             what = "full / plain eager"
+        elif name == "plain-eager-b":  # the control: no target, the noise floor
+            need, best, paired = None, r["x_plain_eager"], r["x_plain_eager_paired"]
+            what = "control: plain eager B / A"
         elif name.startswith("skip-") and name != "skip-all" and c in (batches[0], batches[-1]):
             need, what = 0.9, f"{name} / ideal {r['ideal_mean']:.2f}"
             best, paired = r["of_ideal"], r["x_plain_eager_paired"] / r["ideal_mean"]
         else:
             continue
+        met = need is not None
         out.append({"concurrency": c, "target": what, "need": need, "best": best,
-                    "paired": paired, "met_best": best >= need, "met_paired": paired >= need})
-    pooled = pooled_ratio(rows, "full", "plain-eager")
-    if pooled is not None:
-        out.append({"concurrency": "all", "target": "full / plain eager, pooled", "need": 0.98,
-                    **pooled, "met_best": None, "met_paired": pooled["paired"] >= 0.98})
+                    "paired": paired, "met_best": best >= need if met else None,
+                    "met_paired": paired >= need if met else None})
+    for case, what, need in (("full", "full / plain eager, pooled", 0.98),
+                             ("plain-eager-b", "control: plain eager B / A, pooled", None)):
+        pooled = pooled_ratio(rows, case, "plain-eager")
+        if pooled is not None:
+            out.append({"concurrency": "all", "target": what, "need": need, **pooled,
+                        "met_best": None,
+                        "met_paired": pooled["paired"] >= need if need else None})
     return out
 
 
@@ -408,16 +423,22 @@ def pooled_ratio(rows: list[dict], case: str, reference: str) -> dict | None:
 
 
 def targets_text(checks: list[dict]) -> str:
-    lines = ["targets: ratio >= need, by best round and by paired median"]
+    lines = ["targets: ratio >= need, by best round and by paired median (control: two "
+             "identical plain eager engines, no target; its distance from 1 is the noise floor)"]
+
+    def verdict(met) -> str:
+        return "" if met is None else " met" if met else " MISSED"
+
     for t in checks:
+        need = "control" if t["need"] is None else f"need {t['need']:.2f}"
         if t["concurrency"] == "all":
             lines.append(f"  {t['target']}: median of {t['pairs']} paired ratios "
-                         f"{t['paired']:.3f} (95% {t['low']:.3f}-{t['high']:.3f}), need "
-                         f"{t['need']:.2f}: {'met' if t['met_paired'] else 'MISSED'}")
+                         f"{t['paired']:.3f} (95% {t['low']:.3f}-{t['high']:.3f}), "
+                         f"{need}{verdict(t['met_paired'])}")
             continue
-        lines.append(f"  c={t['concurrency']:<3} {t['target']:<26} need {t['need']:.2f}: "
-                     f"best {t['best']:.3f} {'met' if t['met_best'] else 'MISSED'}, "
-                     f"paired {t['paired']:.3f} {'met' if t['met_paired'] else 'MISSED'}")
+        lines.append(f"  c={t['concurrency']:<3} {t['target']:<26} {need}: "
+                     f"best {t['best']:.3f}{verdict(t['met_best'])}, "
+                     f"paired {t['paired']:.3f}{verdict(t['met_paired'])}")
     return "\n".join(lines)
 
 
@@ -526,6 +547,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plain-default", action="store_true",
                    help="skip plain vLLM's default (compiled) mode")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the control: a second plain eager engine, measured like the "
+                   "first, whose ratio to it shows the machine's noise floor")
     p.add_argument("--cases", nargs="+", default=None,
                    help="only these workloads (names as in the table, e.g. full skip-9 "
                    "plain-eager); a focused A/B with more rounds")
@@ -537,6 +561,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
+        args.no_control = True
         args.settle = 0.0
     return args
 
@@ -547,6 +572,8 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     names = ["plain-eager", "drllm", "grouping-on", "grouping-off"]
+    if not args.no_control:
+        names.insert(1, "plain-eager-b")
     if not args.no_plain_default:
         names.insert(0, "plain-default")
     if args.cases:  # only the engines those workloads use (drllm: for the tokenizer)

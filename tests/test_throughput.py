@@ -121,9 +121,15 @@ def test_speed_targets_by_hand():
         row(64, "skip-9", 1.2, 1.3, ideal=30 / 21),  # 0.84 and 0.91 of ideal
         row(64, "skip-all", 9.0, 9.0),
         row(8, "pool4-grouping-on", 1.2, 1.2, relative_to="grouping-off"),
+        row(64, "plain-eager-b", 0.96, 1.01),  # the control: reported, never judged
     ]
     got = {(t["concurrency"], t["target"].split()[0]): t for t in bench.targets(rows)}
-    assert set(got) == {(1, "full"), (1, "skip-3"), (64, "skip-9")}
+    assert set(got) == {(1, "full"), (1, "skip-3"), (64, "skip-9"), (64, "control:")}
+    control = got[64, "control:"]
+    assert (control["best"], control["paired"], control["need"]) == (0.96, 1.01, None)
+    assert control["met_best"] is None and control["met_paired"] is None
+    line = bench.targets_text(bench.targets(rows)).splitlines()[-1]
+    assert line.endswith("plain eager B / A control: best 0.960, paired 1.010"), line
     assert (got[1, "full"]["met_best"], got[1, "full"]["met_paired"]) == (False, True)
     assert got[1, "skip-3"]["best"] == pytest.approx(0.909) and got[1, "skip-3"]["met_best"]
     assert got[64, "skip-9"]["best"] == pytest.approx(0.84)
@@ -138,6 +144,14 @@ def test_speed_targets_by_hand():
             {"concurrency": 8, "case": "full", "round_seconds": [2, 2, 4]}]
     got = bench.pooled_ratio(rows, "full", "plain-eager")
     assert (got["pairs"], got["paired"], got["low"], got["high"]) == (6, 1.0, 0.5, 2.0)
+    rows += [{"concurrency": c, "case": "plain-eager-b", "round_seconds": [1, 1, 1]}
+             for c in (1, 8)]  # control: plain eager B / A per round 1, 1, 1, 2, 2, 2
+    for r in rows:  # per-batch entries need these; their values do not matter here
+        r.update(x_plain_eager=1.0, x_plain_eager_paired=1.0)
+    pooled = {t["target"]: t for t in bench.targets(rows) if t["concurrency"] == "all"}
+    assert pooled["full / plain eager, pooled"]["met_paired"] is True
+    control = pooled["control: plain eager B / A, pooled"]
+    assert (control["paired"], control["met_paired"]) == (1.5, None)
 
 
 def test_full_mode_token_agreement_by_hand():
