@@ -7,9 +7,9 @@
 Engines live side by side, each in its own engine-core process under this
 one: plain vLLM in its default mode and eager (the plugin's execution mode;
 both with prefix caching off, since rounds repeat prompts), a second plain
-eager engine as a control (two copies of one engine read apart by the
-machine's noise alone, which shows how small a gap the run can resolve) and
-the plugin;
+eager engine as a control with `--control` (two copies of one engine read
+apart by the machine's noise alone, which shows how small a gap the run can
+resolve) and the plugin;
 then, once those are shut down, two plugin engines with a small batch that
 differ only in grouping by schedule (DRLLM_GROUPING=1/0). Machines here are
 noisy, so each workload runs in short rounds that alternate between engines
@@ -547,9 +547,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plain-default", action="store_true",
                    help="skip plain vLLM's default (compiled) mode")
-    p.add_argument("--no-control", action="store_true",
-                   help="skip the control: a second plain eager engine, measured like the "
-                   "first, whose ratio to it shows the machine's noise floor")
+    p.add_argument("--control", action="store_true",
+                   help="add a control: a second plain eager engine, measured like the "
+                   "first, whose ratio to it shows the machine's noise floor (+35%% wall)")
     p.add_argument("--cases", nargs="+", default=None,
                    help="only these workloads (names as in the table, e.g. full skip-9 "
                    "plain-eager); a focused A/B with more rounds")
@@ -561,7 +561,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
-        args.no_control = True
         args.settle = 0.0
     return args
 
@@ -572,7 +571,7 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     names = ["plain-eager", "drllm", "grouping-on", "grouping-off"]
-    if not args.no_control:
+    if args.control:
         names.insert(1, "plain-eager-b")
     if not args.no_plain_default:
         names.insert(0, "plain-default")
