@@ -6,23 +6,24 @@
 
 Engines live side by side, each in its own engine-core process under this
 one: plain vLLM in its default mode and eager (the plugin's execution mode;
-both with prefix caching off, since rounds repeat prompts), a second plain
-eager engine as a control with `--control` (two copies of one engine read
-apart by the machine's noise alone, which shows how small a gap the run can
-resolve) and the plugin;
-then, once those are shut down, two plugin engines with a small batch that
-differ only in grouping by schedule (DRLLM_GROUPING=1/0). Machines here are
-noisy, so each workload runs in short rounds that alternate between engines
-(order reversed every other round), and each engine's best round counts. When the engine changes,
-the next round waits `--settle` seconds first: an idle vLLM worker keeps
-spinning on its shared-memory queue for about 1 s after its last step
-(measured: one full core), which on 2 cores would slow whoever runs next.
+both with prefix caching off, since rounds repeat prompts), with `--control`
+a second plain eager engine (two copies of one engine read apart by the
+machine's noise alone, which shows how small a gap the run can resolve), and
+the plugin; then, once those are shut down, two plugin engines with a small
+batch that differ only in grouping by schedule (DRLLM_GROUPING=1/0).
+Machines here are noisy, so each workload runs in short rounds that
+alternate between engines (order reversed every other round), and each
+engine's best round counts. When the engine changes, the next round waits
+`--settle` seconds first: an idle vLLM worker keeps spinning on its
+shared-memory queue for about 1 s after its last step (measured: one full
+core), which on 2 cores would slow whoever runs next.
 
 Workloads at each concurrency c (c requests submitted at once):
-- plain vLLM (default, eager, and the eager control `plain-eager-b`); `full`; skip k of L layers, the same k for
-  every request (k = 3, 6, 9, spread evenly over the stack); `hetero`: each
-  request its own random schedule skipping 9 layers (mean depth L-9);
-  `routed` with the checkpoint's routers at several biases.
+- plain vLLM (default, eager, and the eager control `plain-eager-b`);
+  `full`; skip k of L layers, the same k for every request (k = 3, 6, 9,
+  spread evenly over the stack); `hetero`: each request its own random
+  schedule skipping 9 layers (mean depth L-9); `routed` with the
+  checkpoint's routers at several biases.
 - grouping: 4*G requests whose schedules come from a pool of 4 (each skips
   9 random layers) through engines that run at most G at a time; grouping
   on vs off.
@@ -386,18 +387,21 @@ def targets(rows: list[dict]) -> list[dict]:
             best, paired = r["of_ideal"], r["x_plain_eager_paired"] / r["ideal_mean"]
         else:
             continue
-        met = need is not None
         out.append({"concurrency": c, "target": what, "need": need, "best": best,
-                    "paired": paired, "met_best": best >= need if met else None,
-                    "met_paired": paired >= need if met else None})
+                    "paired": paired, "met_best": _met(best, need),
+                    "met_paired": _met(paired, need)})
     for case, what, need in (("full", "full / plain eager, pooled", 0.98),
                              ("plain-eager-b", "control: plain eager B / A, pooled", None)):
         pooled = pooled_ratio(rows, case, "plain-eager")
         if pooled is not None:
             out.append({"concurrency": "all", "target": what, "need": need, **pooled,
-                        "met_best": None,
-                        "met_paired": pooled["paired"] >= need if need else None})
+                        "met_best": None, "met_paired": _met(pooled["paired"], need)})
     return out
+
+
+def _met(ratio: float, need: float | None) -> bool | None:
+    """Whether a ratio meets its target; None for the control (no target)."""
+    return None if need is None else ratio >= need
 
 
 def pooled_ratio(rows: list[dict], case: str, reference: str) -> dict | None:
@@ -549,7 +553,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip plain vLLM's default (compiled) mode")
     p.add_argument("--control", action="store_true",
                    help="add a control: a second plain eager engine, measured like the "
-                   "first, whose ratio to it shows the machine's noise floor (+35%% wall)")
+                   "first, whose ratio to it shows the machine's noise floor (wall: 1337 s in "
+                   "the one run with it, 1000-1062 s without)")
     p.add_argument("--cases", nargs="+", default=None,
                    help="only these workloads (names as in the table, e.g. full skip-9 "
                    "plain-eager); a focused A/B with more rounds")
