@@ -179,3 +179,14 @@ def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
 def test_quick_benchmark_writes_json_and_png(quick):
     out = Path(quick["settings"]["results_dir"])
     assert all((out / f"quick.{ext}").is_file() for ext in ("json", "png", "md"))
+
+
+def test_bench_rejects_an_unknown_workload_and_names_the_accepted_ones(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cases", "full", "skip-4"])
+    err = capsys.readouterr().err
+    assert "'skip-4'" in err and "skip-3" in err and "pool4-grouping-off" in err
+    # the control workload needs its own engine, so asking for it starts one
+    assert bench.parse_args(["--cases", "plain-eager-b", "full"]).control
+    assert not bench.parse_args(["--cases", "full"]).control
