@@ -172,7 +172,8 @@ def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the engine-core process inherits these at spawn
         try:
-            print(f"[bench] starting {name} ({model.name}, {kw})", file=sys.stderr, flush=True)
+            print(f"[bench] starting {name} ({model.name}, {args.dtype}, {kw})",
+                  file=sys.stderr, flush=True)
             engines[name] = LLM(model=str(model), **common, **kw)
         finally:
             for k, v in saved.items():
@@ -542,7 +543,10 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()}"
+    import torch
+
+    return (f"{platform.node()}: {cpu} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{os.cpu_count()} cores, {platform.system()}")
 
 
 # -- main ----------------------------------------------------------------------
@@ -565,7 +569,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to wait before a round on another engine than the last "
                    "(the idle engine's worker spins for ~1 s)")
     p.add_argument("--accuracy-questions", type=int, default=40)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="default: bfloat16 where the CPU computes it natively, else float32")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plain-default", action="store_true",
@@ -591,6 +596,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
+    if args.dtype is None:
+        from drllm_vllm.scoring import default_dtype
+
+        args.dtype = default_dtype()
         args.settle = 0.0
     return args
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+DTYPE_HELP = "default: bfloat16 where the CPU computes it natively, else float32"
+
 
 def cmd_prepare(args) -> None:
     from .checkpoint import prepare
@@ -26,7 +28,9 @@ def cmd_generate(args) -> None:
     extra = {"drllm_mode": args.mode, "drllm_bias": args.bias}
     if args.schedule:
         extra["drllm_schedule"] = json.loads(args.schedule)
-    llm = LLM(model=model, max_model_len=args.max_model_len, dtype=args.dtype)
+    from .scoring import default_dtype
+
+    llm = LLM(model=model, max_model_len=args.max_model_len, dtype=args.dtype or default_dtype())
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, extra_args=extra)
     messages = [[{"role": "user", "content": p}] for p in args.prompts]
     for prompt, out in zip(args.prompts, llm.chat(messages, sampling, use_tqdm=False)):
@@ -56,10 +60,16 @@ def cmd_serve(args) -> None:
           "schedule in the response's kv_transfer_params.drllm, GET /drllm/requests/{id}, "
           "GET /drllm/stats, drllm_* on /metrics (settings in force: the 'Dr.LLM "
           "checkpoint' log line)", flush=True)
+    vllm_args = list(args.vllm_args)
+    if not any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
+        from .scoring import default_dtype
+
+        vllm_args += ["--dtype", default_dtype()]
+        print(f"drllm serve: --dtype {vllm_args[-1]} ({DTYPE_HELP}; pass --dtype to choose)")
     env = {**os.environ}
     env.setdefault("VLLM_PLUGINS", "drllm")  # endpoint plugins are opt-in in vLLM
     vllm = str(Path(sys.executable).with_name("vllm"))
-    os.execve(vllm, [vllm, "serve", str(model), *args.vllm_args], env)
+    os.execve(vllm, [vllm, "serve", str(model), *vllm_args], env)
 
 
 def cmd_bench(args) -> None:
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--bias", type=float, default=0.0, help="post-hoc knob in [-1, 1]")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--max-model-len", type=int, default=2048)
-    g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--dtype", default=None, help=DTYPE_HELP)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="prepare the default model and serve it "
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--tolerance", type=float, default=0.05,
                    help="max drop of the gold's log-prob per character for a reward")
-    m.add_argument("--dtype", default="bfloat16")
+    m.add_argument("--dtype", default=None, help=DTYPE_HELP)
     m.add_argument("--out", default=None, help="JSONL (default router_weights/<model>/search.jsonl)")
     m.add_argument("--compare-speed", type=int, default=0, metavar="N",
                    help="instead: paths/s, engine batches vs reference one at a time, N examples")
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--shots", type=int, default=None, choices=[0, 5],
                    help="0: question only; 5: OLMES contexts (default: as searched and "
                    "trained, zero-shot except arithmetic)")
-    e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--dtype", default=None, help=DTYPE_HELP)
     e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct")
     e.set_defaults(func=cmd_eval)
 

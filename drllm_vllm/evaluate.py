@@ -260,13 +260,14 @@ def provenance(checkpoint: Path) -> dict:
 
 
 def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
-         generation: int, out: Path, dtype: str = "bfloat16", shots: int | None = None,
+         generation: int, out: Path, dtype: str | None = None, shots: int | None = None,
          log=print) -> dict:
     """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
     record the table in the shipped router card when these are its routers."""
     from .checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
-    from .scoring import Scorer, make_engine
+    from .scoring import Scorer, default_dtype, make_engine
 
+    dtype = dtype or default_dtype()
     llm = make_engine(checkpoint, dtype=dtype)
     report = {**provenance(checkpoint), "dtype": dtype}
     report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, shots, log=log))

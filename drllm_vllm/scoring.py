@@ -17,6 +17,30 @@ from .schedule import Schedule, layer_applications
 from .tasks import Example, continuation_logprob, encode, per_char, pick, question_start
 
 ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
+# CPU feature flags (/proc/cpuinfo) that mean bf16 matmuls run natively
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def default_dtype(cpuinfo: str | None = None) -> str:
+    """bfloat16 where the CPU computes it natively (or on a GPU), else float32.
+
+    Without those flags a bf16 matmul is emulated: on an AVX2-only EPYC a
+    64x576 @ 576x1536 linear took 12.3 ms in bf16 against 1.5 ms in fp32, and
+    vLLM warns that oneDNN falls back to torch's linear.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return "float32"
+    flags = {w for line in cpuinfo.splitlines()
+             if line.split(":")[0].strip() in ("flags", "Features") for w in line.split()}
+    return "bfloat16" if flags & NATIVE_BF16_FLAGS else "float32"
 
 
 @dataclass(frozen=True)
@@ -28,7 +52,7 @@ class Scored:
     gold_score: float  # the gold choice's log-probability per character
 
 
-def make_engine(checkpoint: str, dtype: str = "bfloat16", **overrides):
+def make_engine(checkpoint: str, dtype: str | None = None, **overrides):
     """An offline vLLM engine on a Dr.LLM checkpoint, sized for scoring."""
     import os
 
@@ -39,7 +63,7 @@ def make_engine(checkpoint: str, dtype: str = "bfloat16", **overrides):
     # then run the worker out of memory. 4 GiB holds ~90k tokens here.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
-    return LLM(model=str(checkpoint), dtype=dtype, seed=0,
+    return LLM(model=str(checkpoint), dtype=dtype or default_dtype(), seed=0,
                **{**ENGINE_DEFAULTS, **overrides})
 
 

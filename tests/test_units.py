@@ -94,3 +94,17 @@ def test_route_window_clamps_to_the_prompt():
     assert route_window(10, 40, 3) == (3, 10)
     assert route_window(10, 6, 2) == (2, 6)
     assert route_window(10, None, 12) == (9, 10)  # at least the last token
+
+
+def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    from drllm_vllm.scoring import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    epyc = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
+    sapphire = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    graviton = "Features\t: fp asimd bf16 i8mm\n"
+    assert default_dtype(epyc) == "float32"
+    assert default_dtype(epyc.replace("avx2", "avx2 avx512f avx512bw")) == "float32"
+    assert default_dtype(sapphire) == "bfloat16"
+    assert default_dtype(graviton) == "bfloat16"
+    assert default_dtype("") == "float32"
