@@ -596,11 +596,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
+        args.settle = 0.0
     if args.dtype is None:
         from drllm_vllm.scoring import default_dtype
 
         args.dtype = default_dtype()
-        args.settle = 0.0
     return args
 
 

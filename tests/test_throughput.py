@@ -190,3 +190,12 @@ def test_bench_rejects_an_unknown_workload_and_names_the_accepted_ones(capsys):
     # the control workload needs its own engine, so asking for it starts one
     assert bench.parse_args(["--cases", "plain-eager-b", "full"]).control
     assert not bench.parse_args(["--cases", "full"]).control
+
+
+def test_full_runs_settle_between_engines_and_quick_runs_do_not():
+    bench = load_bench()
+    # the settle pause belongs to timed runs; --quick (CI, counts only) skips it,
+    # whatever dtype the machine's default picks
+    assert bench.parse_args([]).settle == 1.2
+    assert bench.parse_args(["--dtype", "float32"]).settle == 1.2
+    assert bench.parse_args(["--quick"]).settle == 0.0
