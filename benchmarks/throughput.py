@@ -4,25 +4,27 @@
     .venv/bin/python benchmarks/throughput.py --quick    # CI size: checks counts, not speed
     .venv/bin/drllm bench [same options]
 
-Engines live side by side, each in its own engine-core process under this
-one: plain vLLM in its default mode and eager (the plugin's execution mode;
-both with prefix caching off, since rounds repeat prompts), with `--control`
-a second plain eager engine (two copies of one engine read apart by the
-machine's noise alone, which shows how small a gap the run can resolve), and
-the plugin; then, once those are shut down, two plugin engines with a small
-batch that differ only in grouping by schedule (DRLLM_GROUPING=1/0).
-Machines here are noisy, so each workload runs in short rounds that
-alternate between engines (order reversed every other round), and each
-engine's best round counts. When the engine changes, the next round waits
-`--settle` seconds first: an idle vLLM worker keeps spinning on its
-shared-memory queue for about 1 s after its last step (measured: one full
-core), which on 2 cores would slow whoever runs next. Every engine runs
-with glibc malloc's thresholds fixed (MALLOC_ENV below). Halfway through
-each batch's rounds (the first half rounded up) every engine is shut down
-and started again in the reverse order, so no engine is always the one
-started last: started last of three, the plugin's engine read 0.95x plain
-eager at batch 64 (median of 6 pairs), started first 0.99x, with the same
-code and workload.
+Engines live side by side in this one process (engine core and worker
+included): plain vLLM in its default mode and eager (the plugin's execution
+mode; both with prefix caching off, since rounds repeat prompts), with
+`--control` a second plain eager engine (two copies of one engine read
+apart by the machine's noise alone, which shows how small a gap the run can
+resolve), and the plugin; then, once those are shut down, two plugin engines
+with a small batch that differ only in grouping by schedule
+(DRLLM_GROUPING=1/0).
+
+This machine's speed drifts by up to 2x over seconds, so back-to-back
+rounds of a few seconds each read up to 25% apart. Instead every run of a
+workload is interleaved step by step with a run of the reference (plain
+eager; grouping off for the grouping pair): the two engines take turns, one
+engine step each, and each run counts only its own steps' time (see
+`interleaved`). Each round runs every workload once so paired, the pair's
+order flipping every round; a workload's ratio (`x eager`) is the median
+over rounds of the reference's time over its own, and its tokens/s is its
+best round. Every engine runs with glibc malloc's thresholds fixed
+(MALLOC_ENV below). Halfway through each batch's rounds (the first half
+rounded up) every engine is shut down and started again in the reverse
+order, so no engine is always the one started last.
 
 Workloads at each concurrency c (c requests submitted at once):
 - plain vLLM (default, eager, and the eager control `plain-eager-b`);
@@ -50,6 +52,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +68,23 @@ POOL = 4  # distinct schedules in the grouping workload
 # minor page faults per worker without, under 11k once warm with. Set for
 # every engine alike; the JSON records them.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+# Every engine runs in this process (engine core and worker included), so the
+# bench can step them in turn (see `interleaved`).
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def set_malloc_thresholds() -> None:
+    """MALLOC_ENV for this process (where the in-process engines allocate);
+    glibc reads those variables only at start-up, so set them with mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return
+    libc.mallopt(-1, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))  # M_MMAP_THRESHOLD
 
 
 @dataclass
@@ -160,12 +180,15 @@ def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[
         "grouping-off": (checkpoint, dict(max_num_seqs=args.group_batch),
                          {"DRLLM_GROUPING": "0"}),
     }
+    import vllm.envs
+
     engines = dict(engines or {})
     for name in names:
         if name == "grouping-on" and args.group_batch == max(args.concurrency):
             engines[name] = engines["drllm"]  # the same engine: save a start-up
             continue
         model, kw, env = settings[name]
+        env = {**env, **IN_PROCESS}
         if args.max_overtaken is not None:
             env = {**env, "DRLLM_MAX_OVERTAKEN": str(args.max_overtaken)}
         kw.setdefault("max_num_seqs", max(args.concurrency))
@@ -178,7 +201,21 @@ def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            # an engine core in this process freezes vLLM's view of the
+            # environment; thaw it so later engines see theirs (and ours again)
+            vllm.envs.disable_envs_cache()
     return engines, checkpoint
+
+
+def close(engines: dict, keep=None) -> None:
+    """Shut every engine down but `keep`, and free their memory (all in this process)."""
+    import gc
+
+    for llm in {id(e): e for e in engines.values()}.values():
+        if llm is not keep:
+            llm.llm_engine.engine_core.shutdown()
+    engines.clear()
+    gc.collect()
 
 
 def halves(rounds: int) -> tuple[range, range]:
@@ -187,17 +224,24 @@ def halves(rounds: int) -> tuple[range, range]:
 
 
 def run_plan(plan, engines: dict, prompts, args, bar, half: int | None = None) -> None:
-    """Alternating rounds: each round runs every case once, in reverse order
-    every other round; a round on another engine than the last waits --settle.
-    `half` (0 or 1) runs only that half of each entry's rounds."""
-    last = None
-    for c, cases, rounds in plan:
+    """Each round runs every case once, each interleaved step by step with a
+    run of the entry's reference case (plain eager, or grouping off), which
+    steps first in even rounds and second in odd ones. `half` (0 or 1) runs
+    only that half of each entry's rounds."""
+    for c, cases, rounds, reference in plan:
+        ref = next((k for k in cases if k.name == reference), None)
         for i in (range(rounds) if half is None else halves(rounds)[half]):
             for case in (cases if i % 2 == 0 else cases[::-1]):
-                if case.engine != last:
-                    time.sleep(args.settle)
-                last = case.engine
-                case.rounds.append(run_round(engines[case.engine], case, prompts, args.output_len))
+                if case is ref:
+                    continue
+                pair = [case] if ref is None else [ref, case] if i % 2 == 0 else [case, ref]
+                got = interleaved([(engines[k.engine], k) for k in pair], prompts,
+                                  args.output_len)
+                for k, r in zip(pair, got):
+                    k.rounds.append(r)
+                if ref is not None:  # each round of the case knows its reference's time
+                    case.rounds[-1]["reference_seconds"] = ref.rounds[-1]["seconds"]
+                    ref.rounds[-1]["reference_seconds"] = ref.rounds[-1]["seconds"]
                 bar.update()
 
 
@@ -216,36 +260,75 @@ def stats(llm, reset: bool) -> dict:
 
 
 # -- one round ---------------------------------------------------------------
-def run_round(llm, case: Case, prompts: list[list[int]], max_tokens: int) -> dict:
-    from vllm import SamplingParams
+_ids = iter(range(1 << 62))
 
+
+def interleaved(jobs: list[tuple[object, Case]], prompts: list[list[int]],
+                max_tokens: int) -> list[dict]:
+    """Run each case's requests on its engine (all in this process), stepping
+    the engines in turn until all are done; time each engine's own steps.
+
+    A step is 10-500 ms while this machine's speed drifts by up to 2x over
+    seconds (measured: a fixed bf16 matmul took 0.20-0.57 s from one 0.3 s
+    chunk to the next), so two runs that share their seconds step by step see
+    the same machine, and the ratio of their summed step times holds where
+    back-to-back rounds of seconds each did not. Time spent in the other
+    engine's steps is excluded from each run, so `seconds` and TTFT count the
+    engine's own work: its steps, and adding its requests."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    runs = []
+    for llm, case in jobs:
+        plugin = not case.engine.startswith("plain")
+        if plugin:
+            stats(llm, reset=True)
+        engine, ids = llm.llm_engine, []
+        t0 = time.perf_counter()
+        for i, e in enumerate(case.extra):
+            ids.append(f"bench-{next(_ids)}")  # outputs carry this id
+            engine.add_request(
+                ids[-1], {"prompt_token_ids": prompts[i % len(prompts)]},
+                SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                               extra_args=e, output_kind=RequestOutputKind.DELTA))
+        runs.append({"llm": llm, "case": case, "plugin": plugin, "ids": ids,
+                     "seconds": time.perf_counter() - t0, "tokens": {r: [] for r in ids},
+                     "first": {}, "final": {}})
+    live = list(runs)
+    while live:
+        for run in list(live):
+            engine = run["llm"].llm_engine
+            t0 = time.perf_counter()
+            outs = engine.step()
+            run["seconds"] += time.perf_counter() - t0
+            for o in outs:
+                run["tokens"][o.request_id] += o.outputs[0].token_ids
+                run["first"].setdefault(o.request_id, run["seconds"])
+                if o.finished:
+                    run["final"][o.request_id] = o
+            if not engine.has_unfinished_requests():
+                live.remove(run)
+    return [_round_result(run) for run in runs]
+
+
+def _round_result(run: dict) -> dict:
     from drllm_vllm import schedule_of
 
-    sampling = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                               extra_args=e) for e in case.extra]
-    reqs = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(len(case.extra))]
-    plugin = not case.engine.startswith("plain")
-    if plugin:
-        stats(llm, reset=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(reqs, sampling, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    counts = stats(llm, reset=True) if plugin else None
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    schedules = [schedule_of(o) for o in outs] if plugin else None
+    outs = [run["final"][r] for r in run["ids"]]
+    tokens = [list(run["tokens"][r]) for r in run["ids"]]
     # admission order from engine-core timestamps: how many younger requests overtook each
     sched_ts = [o.metrics.scheduled_ts for o in outs]
     overtaken = [sum(sched_ts[j] < sched_ts[i] for j in range(i + 1, len(outs)))
                  for i in range(len(outs))]
     return {
-        "seconds": elapsed,
+        "seconds": run["seconds"],
         "requests": len(outs),
-        "out_tokens": out_tokens,
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "out_tokens": sum(map(len, tokens)),
+        "tokens": tokens,
         "prompt_lens": [len(o.prompt_token_ids) for o in outs],
-        "ttft_s": sum(o.metrics.first_token_latency for o in outs) / len(outs),  # log_stats on
-        "counts": counts,
-        "schedules": schedules,
+        "ttft_s": sum(run["first"][r] for r in run["ids"]) / len(outs),
+        "counts": stats(run["llm"], reset=True) if run["plugin"] else None,
+        "schedules": [schedule_of(o) for o in outs] if run["plugin"] else None,
         "max_overtaken": max(overtaken),
     }
 
@@ -261,7 +344,9 @@ def summarise(case: Case, L: int) -> dict:
         union = c["decode_layer_passes"] / max(c["decode_steps"], 1)
     return {
         "case": case.name, "engine": case.engine, "rounds": len(case.rounds),
-        "round_seconds": [round(r["seconds"], 3) for r in case.rounds],
+        "round_seconds": [r["seconds"] for r in case.rounds],
+        # the reference run interleaved with each round (None: ran alone)
+        "reference_seconds": [r.get("reference_seconds") for r in case.rounds],
         "seconds": best["seconds"], "requests": best["requests"],
         "out_tokens": best["out_tokens"],
         "out_tok_s": best["out_tokens"] / best["seconds"],
@@ -280,15 +365,6 @@ def rounds_at(concurrency: int, rounds: int) -> int:
     """Small batches get twice the rounds: their rounds are short (about 2 s on
     2 cores), so one disturbance weighs more, and they are cheap."""
     return 2 * rounds if concurrency <= 8 else rounds
-
-
-def paired_ratio(reference_seconds: list[float], seconds: list[float]) -> float:
-    """Median over rounds of reference time / case time. Both ran the same
-    requests back to back in each round, so slow drift of the machine cancels
-    within a pair, and the median ignores one disturbed round."""
-    import statistics
-
-    return statistics.median(a / b for a, b in zip(reference_seconds, seconds))
 
 
 def attainable(full_tok_s: float, no_layers_tok_s: float, fraction: float) -> float:
@@ -387,35 +463,36 @@ def accuracy(llm, tokenizer, n: int, extra: dict | None) -> float:
 
 # -- report --------------------------------------------------------------------
 def targets(rows: list[dict]) -> list[dict]:
-    """The speed targets (issue 6), each with both estimators and whether it is met:
-    full >= 0.98x plain eager at every batch; uniform skip of k >= 0.9 of the ideal
-    L/(L-k) at the smallest and largest batch."""
+    """The speed targets (issue 6), each judged on the interleaved ratio (median
+    over rounds; the lowest and highest round beside it): full >= 0.98x plain
+    eager at every batch; uniform skip of k >= 0.9 of the ideal L/(L-k) at the
+    smallest and largest batch. The control (plain eager B / A) has no target."""
     out = []
     batches = sorted({r["concurrency"] for r in rows if r["case"] == "plain-eager"})
     for r in rows:
         c, name = r["concurrency"], r["case"]
-        if c not in batches or r.get("relative_to"):
+        if c not in batches or r.get("relative_to") or not r.get("round_ratios"):
             continue
+        scale = 1.0
         if name == "full":
-            need, best, paired = 0.98, r["x_plain_eager"], r["x_plain_eager_paired"]
-            what = "full / plain eager"
-        elif name == "plain-eager-b":  # the control: no target, the noise floor
-            need, best, paired = None, r["x_plain_eager"], r["x_plain_eager_paired"]
-            what = "control: plain eager B / A"
+            need, what = 0.98, "full / plain eager"
+        elif name == "plain-eager-b":
+            need, what = None, "control: plain eager B / A"
         elif name.startswith("skip-") and name != "skip-all" and c in (batches[0], batches[-1]):
             need, what = 0.9, f"{name} / ideal {r['ideal_mean']:.2f}"
-            best, paired = r["of_ideal"], r["x_plain_eager_paired"] / r["ideal_mean"]
+            scale = r["ideal_mean"]
         else:
             continue
-        out.append({"concurrency": c, "target": what, "need": need, "best": best,
-                    "paired": paired, "met_best": _met(best, need),
-                    "met_paired": _met(paired, need)})
+        out.append({"concurrency": c, "target": what, "need": need,
+                    "ratio": r["x_plain_eager"] / scale,
+                    "low": min(r["round_ratios"]) / scale, "high": max(r["round_ratios"]) / scale,
+                    "rounds": len(r["round_ratios"]), "met": _met(r["x_plain_eager"] / scale, need)})
     for case, what, need in (("full", "full / plain eager, pooled", 0.98),
                              ("plain-eager-b", "control: plain eager B / A, pooled", None)):
-        pooled = pooled_ratio(rows, case, "plain-eager")
+        pooled = pooled_ratio(rows, case)
         if pooled is not None:
             out.append({"concurrency": "all", "target": what, "need": need, **pooled,
-                        "met_best": None, "met_paired": _met(pooled["paired"], need)})
+                        "met": _met(pooled["ratio"], need)})
     return out
 
 
@@ -424,51 +501,39 @@ def _met(ratio: float, need: float | None) -> bool | None:
     return None if need is None else ratio >= need
 
 
-def pooled_ratio(rows: list[dict], case: str, reference: str) -> dict | None:
-    """Median over every batch and round of reference time / case time (the
-    pairs ran back to back), with a distribution-free 95% interval (order
-    statistics): one batch's 3-6 pairs cannot resolve a few percent on a noisy
-    machine, all of them together can."""
+def pooled_ratio(rows: list[dict], case: str) -> dict | None:
+    """Median over every batch and round of the case's interleaved ratio to
+    plain eager, with a distribution-free 95% interval (order statistics)."""
     import math
 
-    ratios = []
-    for c in sorted({r["concurrency"] for r in rows}):
-        by = {r["case"]: r for r in rows if r["concurrency"] == c and not r.get("relative_to")}
-        if case in by and reference in by:
-            ratios += [a / b for a, b in zip(by[reference]["round_seconds"],
-                                             by[case]["round_seconds"])]
+    ratios = sorted(x for r in rows if r["case"] == case and not r.get("relative_to")
+                    for x in r.get("round_ratios") or [])
     n = len(ratios)
     if n < 6:
         return None
-    ratios.sort()
     k = max(int((n - 1.96 * math.sqrt(n)) / 2), 0)  # rank of the lower bound (0-based)
     mid = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
-    return {"pairs": n, "paired": mid, "best": None, "low": ratios[k], "high": ratios[n - 1 - k]}
+    return {"rounds": n, "ratio": mid, "low": ratios[k], "high": ratios[n - 1 - k]}
 
 
 def targets_text(checks: list[dict]) -> str:
-    lines = ["targets: ratio >= need, by best round and by paired median (control: two "
-             "identical plain eager engines, no target; its distance from 1 is the noise floor)"]
-
-    def verdict(met) -> str:
-        return "" if met is None else " met" if met else " MISSED"
-
+    lines = ["targets: interleaved ratio (median over rounds) >= need; lowest-highest round "
+             "beside it (control: two identical plain eager engines, no target)"]
     for t in checks:
         need = "control" if t["need"] is None else f"need {t['need']:.2f}"
+        verdict = "" if t["met"] is None else " met" if t["met"] else " MISSED"
         if t["concurrency"] == "all":
-            lines.append(f"  {t['target']}: median of {t['pairs']} paired ratios "
-                         f"{t['paired']:.3f} (95% {t['low']:.3f}-{t['high']:.3f}), "
-                         f"{need}{verdict(t['met_paired'])}")
+            lines.append(f"  {t['target']}: median of {t['rounds']} rounds {t['ratio']:.3f} "
+                         f"(95% {t['low']:.3f}-{t['high']:.3f}), {need}{verdict}")
             continue
-        lines.append(f"  c={t['concurrency']:<3} {t['target']:<26} {need}: "
-                     f"best {t['best']:.3f}{verdict(t['met_best'])}, "
-                     f"paired {t['paired']:.3f}{verdict(t['met_paired'])}")
+        lines.append(f"  c={t['concurrency']:<3} {t['target']:<26} {need}: {t['ratio']:.3f}"
+                     f"{verdict} (rounds {t['low']:.3f}-{t['high']:.3f}, {t['rounds']})")
     return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
     head = (f"{'c':>3} {'case':<22} {'tok/s':>8} {'req/s':>7} {'TTFT ms':>8} "
-            f"{'layers/tok':>10} {'union/step':>10} {'x eager':>8} {'paired':>6} {'x default':>9} "
+            f"{'layers/tok':>10} {'union/step':>10} {'x eager':>8} {'x default':>9} "
             f"{'ideal':>6} {'ideal U':>7} {'of ideal':>8} {'attain':>6} {'acc':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -476,7 +541,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['concurrency']:>3} {r['case']:<22} {r['out_tok_s']:>8.1f} {r['req_s']:>7.2f} "
             f"{r['ttft_ms']:>8.0f} {r['layers_per_token']:>10.2f} {r['union_per_step']:>10.2f} "
-            f"{r['x_plain_eager']:>8.3f} {_f(r.get('x_plain_eager_paired')):>6} "
+            f"{r['x_plain_eager']:>8.3f} "
             f"{_f(r.get('x_plain_default')):>9} "
             f"{r['ideal_mean']:>6.2f} {r['ideal_union']:>7.2f} {r['of_ideal']:>8.2f} "
             f"{_f(r.get('attainable'), 2):>6} {acc:>6}")
@@ -487,12 +552,12 @@ def _f(x, digits: int = 3) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-LEGEND = ("`x eager`/`x default`: output tokens/s over plain vLLM eager/default, best round "
-          "of each; `paired`: median over rounds of plain eager's round time / this case's "
-          "(the two ran back to back); `ideal` = "
-          "L / layer applications per token, `ideal U` = L / layer passes per decode step; "
-          "`of ideal` = x eager / ideal; `attain` = the speed-up left once the cost of a "
-          "step without layers (case skip-all, same batch) is paid: t_full / (t0 + "
+LEGEND = ("`tok/s`, `req/s`, `TTFT`: the case's best round, counting only its own engine's "
+          "steps; `x eager`: plain eager's time over the case's in runs interleaved step by "
+          "step, median over rounds (`x default`: the same over plain vLLM default's); "
+          "`ideal` = L / layer applications per token, `ideal U` = L / layer passes per "
+          "decode step; `of ideal` = x eager / ideal; `attain` = the speed-up left once the "
+          "cost of a step without layers (case skip-all, same batch) is paid: t_full / (t0 + "
           "executed fraction x (t_full - t0)). Grouping rows are relative to grouping off.")
 
 
@@ -557,17 +622,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="Dr.LLM checkpoint (default: drllm prepare)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--biases", type=float, nargs="+", default=[-0.25, 0.0])
-    p.add_argument("--rounds", type=int, default=3,
-                   help="alternating rounds per workload (twice as many at batch <= 8)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds per workload, each interleaved with a plain eager run "
+                   "(twice as many at batch <= 8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompts truncated to this")
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--group-batch", type=int, default=8,
                    help="max_num_seqs of the grouping on/off engines (queue of 4x this)")
     p.add_argument("--max-overtaken", type=int, default=None,
                    help="DRLLM_MAX_OVERTAKEN for the plugin engines (default 4 x batch)")
-    p.add_argument("--settle", type=float, default=1.2,
-                   help="seconds to wait before a round on another engine than the last "
-                   "(the idle engine's worker spins for ~1 s)")
     p.add_argument("--accuracy-questions", type=int, default=40)
     p.add_argument("--dtype", default=None,
                    help="default: bfloat16 where the CPU computes it natively, else float32")
@@ -576,9 +639,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plain-default", action="store_true",
                    help="skip plain vLLM's default (compiled) mode")
     p.add_argument("--control", action="store_true",
-                   help="add a control: a second plain eager engine, measured like the "
-                   "first, whose ratio to it shows the machine's noise floor (wall: 1337 s in "
-                   "the one run with it, 1000-1062 s without)")
+                   help="add a control: a second plain eager engine, measured like any "
+                   "case against the first; its ratio shows what the run can resolve (one "
+                   "more interleaved pair per round)")
     p.add_argument("--cases", nargs="+", default=None,
                    help="only these workloads (names as in the table, e.g. full skip-9 "
                    "plain-eager); a focused A/B with more rounds")
@@ -596,7 +659,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_len, args.prompt_len, args.group_batch = 8, 64, 4
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype, args.no_plain_default = 8, "float32", True
-        args.settle = 0.0
     if args.dtype is None:
         from drllm_vllm.scoring import default_dtype
 
@@ -607,8 +669,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    for k, v in MALLOC_ENV.items():  # every engine's processes inherit these at spawn
+    for k, v in MALLOC_ENV.items():  # recorded in the JSON; set_malloc_thresholds applies them
         os.environ.setdefault(k, v)
+    set_malloc_thresholds()
     from tqdm import tqdm
 
     names = ["plain-eager", "drllm", "grouping-on", "grouping-off"]
@@ -634,21 +697,23 @@ def main(argv=None) -> dict:
     prompts, source = real_prompts(tokenizer, max(args.concurrency + [4 * args.group_batch]),
                                    args.prompt_len)
 
-    plan = []  # (concurrency, cases, rounds)
+    plan = []  # (concurrency, cases, rounds, the reference case each case is paired with)
     for c in args.concurrency:
         cases = [k for k in workload_cases(c, L, args.biases, args.seed) if k.engine in engines
                  and (not args.cases or k.name in args.cases)]
-        plan.append((c, cases, args.rounds if args.quick else rounds_at(c, args.rounds)))
+        plan.append((c, cases, args.rounds if args.quick else rounds_at(c, args.rounds),
+                     "plain-eager"))
     grouping = [k for k in grouping_cases(args.group_batch, L, args.seed)
                 if not args.cases or k.name in args.cases]
-    group_plan = [(args.group_batch, grouping, args.rounds)] if grouping else []
-    bar = tqdm(total=sum(len(cases) * r for _, cases, r in plan + group_plan), desc="rounds",
+    group_plan = ([(args.group_batch, grouping, args.rounds, f"pool{POOL}-grouping-off")]
+                  if grouping else [])
+    bar = tqdm(total=sum((len(cases) - any(k.name == ref for k in cases)) * r
+                         for _, cases, r, ref in plan + group_plan), desc="rounds",
                file=sys.stderr)
     run_plan(plan, engines, prompts, args, bar, half=0)
-    if any(halves(r)[1] for _, _, r in plan):
+    if any(halves(r)[1] for _, _, r, _ in plan):
         # the rest on fresh engines started in the reverse order (see the docstring)
-        for llm in engines.values():
-            llm.llm_engine.engine_core.shutdown()
+        close(engines)
         engines, _ = start_engines(args, grid[::-1])
         run_plan(plan, engines, prompts, args, bar, half=1)
 
@@ -663,48 +728,43 @@ def main(argv=None) -> dict:
                                               args.accuracy_questions, {"drllm_bias": b})
     if group_plan:
         shared = engines["drllm"] if args.group_batch == max(args.concurrency) else None
-        for llm in engines.values():
-            if llm is not shared:
-                llm.llm_engine.engine_core.shutdown()
+        close(engines, keep=shared)
         engines, _ = start_engines(args, grouping_names,
                                    {"drllm": shared} if shared is not None else None)
         run_plan(group_plan, engines, prompts, args, bar)
         plan += group_plan
     bar.close()
-    for llm in {id(e): e for e in engines.values()}.values():
-        llm.llm_engine.engine_core.shutdown()
+    close(engines)
     pressure = {k: v - vm0.get(k, 0) for k, v in vmstat().items()}
 
     errors, rows = [], []
-    for c, cases, _ in plan:
+    for c, cases, _, _ in plan:
         by_name = {k.name: summarise(k, L) for k in cases}
-        eager = by_name.get("plain-eager")
-        default = by_name.get("plain-default")
         for k in cases:
             errors += check_counts(k, L)
             r = {"concurrency": c, **by_name[k.name]}
-            if eager is not None:
-                r["x_plain_eager"] = r["out_tok_s"] / eager["out_tok_s"]
-                r["x_plain_eager_paired"] = paired_ratio(eager["round_seconds"],
-                                                         r["round_seconds"])
-            if default is not None:
-                r["x_plain_default"] = r["out_tok_s"] / default["out_tok_s"]
+            if None not in r["reference_seconds"]:  # interleaved with its reference
+                r["round_ratios"] = [a / b for a, b in zip(r["reference_seconds"],
+                                                           r["round_seconds"])]
+                r["x_plain_eager"] = statistics.median(r["round_ratios"])
             rows.append(r)
-        off = by_name.get(f"pool{POOL}-grouping-off")
-        if eager is None and off is not None:  # grouping rows: relative to grouping off
+        if f"pool{POOL}-grouping-off" in by_name:  # grouping rows: relative to grouping off
             for r in rows[-len(cases):]:
-                r["x_plain_eager"] = r["out_tok_s"] / off["out_tok_s"]
                 r["relative_to"] = "grouping-off"
-        floor = by_name.get("skip-all")
         for r in rows[-len(cases):]:
             r.setdefault("x_plain_eager", float("nan"))
             r["of_ideal"] = r["x_plain_eager"] / r["ideal_mean"]
-            if eager is not None and floor is not None:
-                r["attainable"] = attainable(eager["out_tok_s"], floor["out_tok_s"],
+        by_row = {r["case"]: r for r in rows[-len(cases):]}
+        default, floor = by_row.get("plain-default"), by_row.get("skip-all")
+        for r in rows[-len(cases):]:
+            if default is not None:
+                r["x_plain_default"] = r["x_plain_eager"] / default["x_plain_eager"]
+            if floor is not None and "plain-eager" in by_row:
+                r["attainable"] = attainable(1.0, floor["x_plain_eager"],
                                              r["layers_per_token"] / L)
     # full mode must give plain vLLM's tokens
     agreement = {}
-    for c, cases, _ in plan:
+    for c, cases, _, _ in plan:
         d = {k.name: k for k in cases}
         if "full" in d and "plain-eager" in d:
             agreement[c] = token_agreement(d["full"], d["plain-eager"])
