@@ -22,9 +22,7 @@ engine step each, and each run counts only its own steps' time (see
 order flipping every round; a workload's ratio (`x eager`) is the median
 over rounds of the reference's time over its own, and its tokens/s is its
 best round. Every engine runs with glibc malloc's thresholds fixed
-(MALLOC_ENV below). Halfway through each batch's rounds (the first half
-rounded up) every engine is shut down and started again in the reverse
-order, so no engine is always the one started last.
+(MALLOC_ENV below).
 
 Workloads at each concurrency c (c requests submitted at once):
 - plain vLLM (default, eager, and the eager control `plain-eager-b`);
@@ -218,19 +216,13 @@ def close(engines: dict, keep=None) -> None:
     gc.collect()
 
 
-def halves(rounds: int) -> tuple[range, range]:
-    """Round indices run before and after the engines are restarted."""
-    return range((rounds + 1) // 2), range((rounds + 1) // 2, rounds)
-
-
-def run_plan(plan, engines: dict, prompts, args, bar, half: int | None = None) -> None:
+def run_plan(plan, engines: dict, prompts, args, bar) -> None:
     """Each round runs every case once, each interleaved step by step with a
     run of the entry's reference case (plain eager, or grouping off), which
-    steps first in even rounds and second in odd ones. `half` (0 or 1) runs
-    only that half of each entry's rounds."""
+    steps first in even rounds and second in odd ones."""
     for c, cases, rounds, reference in plan:
         ref = next((k for k in cases if k.name == reference), None)
-        for i in (range(rounds) if half is None else halves(rounds)[half]):
+        for i in range(rounds):
             for case in (cases if i % 2 == 0 else cases[::-1]):
                 if case is ref:
                     continue
@@ -362,9 +354,9 @@ def summarise(case: Case, L: int) -> dict:
 
 
 def rounds_at(concurrency: int, rounds: int) -> int:
-    """Small batches get twice the rounds: their rounds are short (about 2 s on
-    2 cores), so one disturbance weighs more, and they are cheap."""
-    return 2 * rounds if concurrency <= 8 else rounds
+    """Small batches get one round more: their runs are short (a few seconds
+    on 2 cores), so they are cheap, and one disturbed step weighs more."""
+    return rounds + 1 if concurrency <= 8 else rounds
 
 
 def attainable(full_tok_s: float, no_layers_tok_s: float, fraction: float) -> float:
@@ -377,10 +369,11 @@ def attainable(full_tok_s: float, no_layers_tok_s: float, fraction: float) -> fl
 def token_agreement(full: Case, plain: Case) -> dict:
     """Full mode runs plain vLLM's computation, so each request's greedy tokens
     must be plain vLLM's. In bf16 a near-tie can still flip a token when the two
-    engines batched the requests differently (the engine starts stepping while
-    requests are still arriving, so batch shapes follow timing), and plain vLLM
-    flips against itself the same way. So a request is an error only if its
-    tokens differ in every pair of rounds; the first rounds' counts are reported."""
+    engines batched the requests differently (multiprocess engines start
+    stepping while requests are still arriving, so batch shapes follow timing;
+    measured there: plain vLLM flipped against itself the same way). So a
+    request is an error only if its tokens differ in every pair of rounds; the
+    first rounds' counts are reported."""
     n = len(full.rounds[0]["tokens"])
 
     def same(a: dict, b: dict) -> list[bool]:
@@ -624,7 +617,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--biases", type=float, nargs="+", default=[-0.25, 0.0])
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds per workload, each interleaved with a plain eager run "
-                   "(twice as many at batch <= 8)")
+                   "(one more at batch <= 8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompts truncated to this")
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--group-batch", type=int, default=8,
@@ -710,12 +703,7 @@ def main(argv=None) -> dict:
     bar = tqdm(total=sum((len(cases) - any(k.name == ref for k in cases)) * r
                          for _, cases, r, ref in plan + group_plan), desc="rounds",
                file=sys.stderr)
-    run_plan(plan, engines, prompts, args, bar, half=0)
-    if any(halves(r)[1] for _, _, r, _ in plan):
-        # the rest on fresh engines started in the reverse order (see the docstring)
-        close(engines)
-        engines, _ = start_engines(args, grid[::-1])
-        run_plan(plan, engines, prompts, args, bar, half=1)
+    run_plan(plan, engines, prompts, args, bar)
 
     acc = {}
     if args.accuracy_questions:

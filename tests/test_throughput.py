@@ -142,7 +142,7 @@ def test_speed_targets_by_hand():
     text = bench.targets_text(bench.targets(rows))
     assert "c=1   full / plain eager         need 0.98: 0.970 MISSED (rounds 0.960-0.990, 3)" \
         in text, text
-    assert bench.rounds_at(1, 2) == bench.rounds_at(8, 2) == 4 and bench.rounds_at(32, 2) == 2
+    assert bench.rounds_at(1, 2) == bench.rounds_at(8, 2) == 3 and bench.rounds_at(32, 2) == 2
 
     # pooled over batches: full's per-round ratios 1, 2, 0.5, 1, 1, 0.5 -> median 1.0
     rows = [row(1, "full", [1, 2, 0.5]), row(8, "full", [1, 1, 0.5]),
