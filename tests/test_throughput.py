@@ -192,3 +192,42 @@ def test_bench_rejects_an_unknown_workload_and_names_the_accepted_ones(capsys):
     assert bench.parse_args(["--cases", "plain-eager-b", "full"]).control
     assert not bench.parse_args(["--cases", "full"]).control
 
+
+
+def test_interleaved_runs_take_turns_and_count_only_their_own_steps():
+    """The bench's timing rule, on two stand-in engines whose steps cost known
+    times (vLLM itself runs through it in the quick benchmark above)."""
+    import time
+    from types import SimpleNamespace
+
+    bench = load_bench()
+    log = []
+
+    class Engine:
+        def __init__(self, name, steps, seconds):
+            self.name, self.left, self.seconds, self.ids = name, steps, seconds, []
+
+        def add_request(self, request_id, prompt, params):
+            self.ids.append((request_id, prompt["prompt_token_ids"]))
+
+        def has_unfinished_requests(self):
+            return self.left > 0
+
+        def step(self):
+            log.append(self.name)
+            time.sleep(self.seconds)
+            self.left -= 1
+            return [SimpleNamespace(request_id=i, outputs=[SimpleNamespace(token_ids=[7])],
+                                    finished=self.left == 0, prompt_token_ids=p,
+                                    metrics=SimpleNamespace(scheduled_ts=0.0))
+                    for i, p in self.ids]
+
+    slow = SimpleNamespace(llm_engine=Engine("slow", 3, 0.05))
+    fast = SimpleNamespace(llm_engine=Engine("fast", 5, 0.001))
+    got = bench.interleaved([(slow, bench.Case("a", "plain-a", [None] * 2)),
+                             (fast, bench.Case("b", "plain-b", [None] * 2))], [[1, 2]], 5)
+    assert log == ["slow", "fast"] * 3 + ["fast"] * 2  # turns until one is done
+    assert got[0]["seconds"] >= 3 * 0.05
+    assert got[1]["seconds"] < 0.05  # the slow engine's steps are not counted
+    assert [r["out_tokens"] for r in got] == [2 * 3, 2 * 5]
+    assert got[0]["ttft_s"] == pytest.approx(got[0]["seconds"] / 3, rel=0.5)
