@@ -46,6 +46,7 @@ L / mean union per decode step (weight-bound regime).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -252,7 +253,7 @@ def stats(llm, reset: bool) -> dict:
 
 
 # -- one round ---------------------------------------------------------------
-_ids = iter(range(1 << 62))
+_ids = itertools.count()  # request ids, unique across engines and rounds
 
 
 def interleaved(jobs: list[tuple[object, Case]], prompts: list[list[int]],
@@ -283,7 +284,7 @@ def interleaved(jobs: list[tuple[object, Case]], prompts: list[list[int]],
                 ids[-1], {"prompt_token_ids": prompts[i % len(prompts)]},
                 SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                extra_args=e, output_kind=RequestOutputKind.DELTA))
-        runs.append({"llm": llm, "case": case, "plugin": plugin, "ids": ids,
+        runs.append({"llm": llm, "plugin": plugin, "ids": ids,
                      "seconds": time.perf_counter() - t0, "tokens": {r: [] for r in ids},
                      "first": {}, "final": {}})
     live = list(runs)
