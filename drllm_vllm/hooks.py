@@ -92,15 +92,18 @@ def _apply_engine_settings(args) -> list[str]:
         )
     args.enable_prefix_caching = False
     args.enable_chunked_prefill = False
-    # The routed layer loop branches on data, so it always runs eagerly;
-    # compiling (and its warm-up) would only cost start-up time.
-    args.enforce_eager = True
+    # CPU compiles as stock vLLM does (the routed loop stays in Python and
+    # calls one shared compiled layer graph; model.py, compile.py). CUDA
+    # stays eager: a CUDA graph captured whole would bake in one schedule,
+    # and per-layer piecewise graphs are untested (docs/architecture.md).
+    if device == "cuda":
+        args.enforce_eager = True
     args.worker_cls = WORKER_CLS[device]
     args.scheduler_cls = SCHEDULER_CLS
     return [
         "prefix caching off",
         "chunked prefill off",
-        "eager execution",
+        "eager execution" if args.enforce_eager else "compiled layers (one shared graph)",
         f"worker {args.worker_cls}",
         f"scheduler {args.scheduler_cls}",
     ]
@@ -298,7 +301,9 @@ class DrRunnerMixin:
         st[f"{kind}_applications"] += applications
 
     def drllm_stats(self, reset: bool = False) -> dict[str, int]:
-        stats = dict(self._drllm_stats)
+        graph = getattr(self.get_model(), "layer_graph", None)
+        # 1 once the shared compiled layer graph exists (0: eager layers)
+        stats = {**self._drllm_stats, "layer_graph_compiled": int(bool(graph and graph.compiled))}
         if reset:
             self._drllm_stats = _zero_stats()
         return stats

@@ -7,7 +7,10 @@ Each Dr* class is the stock vLLM class with three additions:
   that may repeat, so the second pass has its own KV cache;
 - a forward that walks the layers under each row's schedule, running each
   layer only on the rows that execute it.
-The routed loop runs eagerly (it branches on data); see docs/architecture.md.
+The routed loop runs in Python (it branches on data); each layer it runs goes
+through one compiled graph shared by all layers (compile.py), and steps in
+which every row runs every layer use vLLM's own compiled forward; see
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from . import kernels
 from .batch import StepBatch
+from .compile import LayerGraph
 from .config import parse_drllm_block
 from .router import Router, decide
 
@@ -66,6 +70,7 @@ class DrModelMixin:
             Router(config.hidden_size, self.drllm.bottleneck).float() for _ in range(n)
         )
         base = f"{prefix}." if prefix else ""
+        self.layer_graph = layer_graph(vllm_config)
         self.model.repeat_attn = nn.ModuleDict(
             {
                 str(i): _virtual_attention(
@@ -87,15 +92,20 @@ class DrModelMixin:
         **kwargs,
     ) -> torch.Tensor:
         model = self.model
+        step = self.drllm_step
+        if step is None:
+            # Every row runs every layer (full mode, profiling and warm-up):
+            # the base model's forward, which vLLM compiles whole unless eager.
+            # Warm-up also compiles the shared layer graph, so that no request
+            # waits for it.
+            if self.layer_graph is not None and not self.layer_graph.compiled:
+                self._compile_layer_graph(input_ids, positions, inputs_embeds)
+            return model(input_ids, positions, intermediate_tensors, inputs_embeds)
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(
             input_ids
         )
         residual = None
-        step = self.drllm_step
         for i, layer in enumerate(model.layers):
-            if step is None:  # profiling and dummy runs: every layer, every row
-                hidden, residual = layer(positions, hidden, residual)
-                continue
             if step.to_route:
                 self._route_layer(i, step, hidden, residual)
             for repeat_pass in (False, True):
@@ -117,19 +127,20 @@ class DrModelMixin:
         attn = self.model.repeat_attn[str(i)] if repeat_pass else None
         with _swapped_attention(layer, attn):
             if rows is step.all_rows:  # nothing extra when every row runs it
-                return layer(positions, hidden, residual)
+                return self._call_layer(layer, positions, hidden, residual)
             others = step.rows_to_restore(rows)
             if others is not None:  # a few rows skip it: run all, put theirs back
                 keep = step.token_index(others, hidden.device)
                 saved = kernels.gather_rows(hidden, keep), kernels.gather_rows(residual, keep)
-                hidden, residual = layer(positions, hidden, residual)
+                hidden, residual = self._call_layer(layer, positions, hidden, residual)
                 kernels.scatter_rows_(hidden, keep, saved[0])
                 kernels.scatter_rows_(residual, keep, saved[1])
                 return hidden, residual
             name = layer.self_attn.attn.layer_name
             tok = step.token_index(rows, hidden.device)
             with step.attention_for_rows(rows, tok, name):
-                h, r = layer(
+                h, r = self._call_layer(
+                    layer,
                     positions[tok],
                     kernels.gather_rows(hidden, tok),
                     kernels.gather_rows(residual, tok),
@@ -138,6 +149,20 @@ class DrModelMixin:
             kernels.scatter_rows_(hidden, tok, h)
             kernels.scatter_rows_(residual, tok, r)
             return hidden, residual
+
+    def _compile_layer_graph(self, input_ids, positions, inputs_embeds) -> None:
+        hidden = inputs_embeds if inputs_embeds is not None else self.model.embed_input_ids(
+            input_ids
+        )
+        self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden))
+
+    def _call_layer(self, layer, positions, hidden, residual):
+        """One layer on the given tokens: the shared compiled graph, or eager."""
+        if self.layer_graph is None:
+            return layer(positions, hidden, residual)
+        if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
+            residual = torch.zeros_like(hidden)
+        return self.layer_graph(layer, positions, hidden, residual)
 
     @torch.no_grad()
     def _route_layer(self, i: int, step: StepBatch, hidden, residual) -> None:
@@ -166,6 +191,17 @@ def _swapped_attention(layer: nn.Module, attn: Attention | None):
         yield
     finally:
         layer.self_attn.attn = own
+
+
+def layer_graph(vllm_config: VllmConfig) -> LayerGraph | None:
+    """The shared compiled layer graph when vLLM compiles this model with
+    inductor (its default on CPU), else None (eager: `--enforce-eager`, CUDA)."""
+    from vllm.config import CompilationMode
+
+    cc = vllm_config.compilation_config
+    if cc.mode in (None, CompilationMode.NONE) or cc.backend != "inductor":
+        return None
+    return LayerGraph(cc.inductor_compile_config)
 
 
 def _dr_class(base: type) -> type:
