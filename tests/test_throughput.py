@@ -1,7 +1,8 @@
 """Grouping by schedule (bounded waiting) and the benchmark's counts.
 
 The quick benchmark asserts nothing about speed (machines are noisy), only
-that what it counts is right: the runner's layer applications agree with
+that what it counts is right (every case interleaved with plain vLLM
+default, each run split into prefill and decode phases): the runner's layer applications agree with
 the schedules each request reported, uniform skips leave exactly L-k layer
 passes per decode step, full mode gives plain vLLM's tokens, and no request
 is overtaken by more younger ones than the grouping bound allows.
@@ -92,11 +93,23 @@ def test_quick_benchmark_counts_are_right(quick):
         none = rows[(c, "skip-all")]
         assert none["layers_per_token"] == none["union_per_step"] == 0
         # with no layer left, the attainable speed-up is the one measured
-        assert none["attainable"] == pytest.approx(none["x_plain_eager"])
+        assert none["attainable"] == pytest.approx(none["x_plain_default"])
         assert rows[(c, "full")]["attainable"] == pytest.approx(1.0)
+        assert rows[(c, "plain-default")]["x_plain_default"] == pytest.approx(1.0)
         assert rows[(c, "plain-eager")]["x_plain_eager"] == pytest.approx(1.0)
-        # every case ran interleaved with a plain eager run, once per round
-        assert len(rows[(c, "full")]["round_ratios"]) == quick["settings"]["rounds"]
+        # every case ran interleaved with a plain default run, once per round, and
+        # each run's time splits into its prefill and decode phases
+        full = rows[(c, "full")]
+        assert [len(full["x_by_phase"][p]["round_ratios"]) for p in ("all", "prefill", "decode")] \
+            == [quick["settings"]["rounds"]] * 3
+        for ph in full["round_phases"] + full["reference_phases"]:
+            assert ph["prefill"] > 0 and ph["decode"] > 0
+            assert ph["prefill"] + ph["decode"] == pytest.approx(ph["all"])
+    got = {(t["concurrency"], t["target"]) for t in quick["targets"]}
+    assert {(1, f"full / plain default, {p}") for p in ("all", "prefill", "decode")} <= got
+    routed = [t for t in quick["targets"] if t["target"] == "routed+0.00 / plain default"]
+    assert [t["concurrency"] for t in routed] == [1, 4]
+    assert routed[0]["accuracy"] == quick["accuracy"]["routed+0.00"]
 
 
 def test_attainable_speedup_by_hand():
@@ -110,62 +123,107 @@ def test_attainable_speedup_by_hand():
 def test_speed_targets_by_hand():
     bench = load_bench()
 
-    def row(c, case, ratios, ideal=1.0, **kw):
-        import statistics
+    def row(c, case, ratios, ideal=1.0, prefill=None, decode=None, **kw):
+        """A row whose per-round ratios to plain default are `ratios` (and, in
+        its prefill and decode phases, `prefill` / `decode`, default the same)."""
+        per = {"all": ratios, "prefill": prefill or ratios, "decode": decode or ratios}
+        x = bench.by_phase([{"phases": dict.fromkeys(bench.PHASES, 1.0),
+                             "reference": {p: per[p][i] for p in bench.PHASES}}
+                            for i in range(len(ratios))])
+        return {"concurrency": c, "case": case, "x_plain_default": x["all"]["ratio"],
+                "x_by_phase": x, "ideal_mean": ideal, **kw}
 
-        x = statistics.median(ratios)
-        return {"concurrency": c, "case": case, "x_plain_eager": x, "round_ratios": ratios,
-                "ideal_mean": ideal, "of_ideal": x / ideal, **kw}
-
-    rows = [row(c, "plain-eager", [1.0, 1.0, 1.0]) for c in (1, 8, 64)] + [
-        row(1, "full", [0.99, 0.97, 0.96]),  # median 0.97: missed
-        row(8, "full", [0.95, 0.99, 1.02]),  # median 0.99: met, though one round is low
+    rows = [row(c, "plain-default", [1.0, 1.0, 1.0], accuracy=0.475) for c in (1, 8, 64)] + [
+        row(1, "full", [0.99, 0.96, 0.95]),  # median 0.96: missed
+        # met over the whole run, though one round is low; missed in the prefill phase
+        row(8, "full", [0.95, 0.99, 1.02], prefill=[0.9, 0.96, 1.0], decode=[1.0, 1.0, 1.0]),
         row(1, "skip-3", [1.01, 1.2, 0.9], ideal=30 / 27),  # 0.909 of ideal
         row(8, "skip-3", [0.5, 0.5, 0.5], ideal=30 / 27),  # not a target batch
         row(64, "skip-9", [1.2, 1.3, 1.0], ideal=30 / 21),  # 0.84 of ideal
         row(64, "skip-all", [9.0]),
+        row(1, "routed+0.00", [1.1, 1.0, 0.9], accuracy=0.4),  # median 1.0: met
+        row(64, "routed+0.00", [0.8, 0.9, 0.95], accuracy=0.4),  # missed
+        row(1, "routed-0.25", [2.0], accuracy=0.3),  # no target at this bias
         row(8, "pool4-grouping-on", [1.2], relative_to="grouping-off"),
-        row(64, "plain-eager-b", [0.96, 1.01, 1.0]),  # the control: reported, never judged
+        row(64, "plain-default-b", [0.96, 1.01, 1.0]),  # the control: reported, never judged
     ]
-    got = {(t["concurrency"], t["target"].split()[0]): t for t in bench.targets(rows)
-           if t["concurrency"] != "all"}
-    assert set(got) == {(1, "full"), (8, "full"), (1, "skip-3"), (64, "skip-9"),
-                        (64, "control:")}
-    assert (got[1, "full"]["ratio"], got[1, "full"]["met"]) == (0.97, False)
-    assert (got[8, "full"]["low"], got[8, "full"]["high"], got[8, "full"]["met"]) == \
+    checks = bench.targets(rows)
+    got = {(t["concurrency"], t["target"]): t for t in checks if t["concurrency"] != "all"}
+    full = [f"full / plain default, {p}" for p in ("all", "prefill", "decode")]
+    assert set(got) == {(c, f) for c in (1, 8) for f in full} | {
+        (1, "skip-3 / ideal 1.11"), (64, "skip-9 / ideal 1.43"),
+        (1, "routed+0.00 / plain default"), (64, "routed+0.00 / plain default"),
+        (64, "control: plain default B / A")}
+    assert (got[1, full[0]]["ratio"], got[1, full[0]]["met"]) == (0.96, False)
+    assert (got[8, full[0]]["low"], got[8, full[0]]["high"], got[8, full[0]]["met"]) == \
         (0.95, 1.02, True)
-    assert got[1, "skip-3"]["ratio"] == pytest.approx(0.909) and got[1, "skip-3"]["met"]
-    assert got[1, "skip-3"]["low"] == pytest.approx(0.9 * 27 / 30)
-    assert got[64, "skip-9"]["ratio"] == pytest.approx(0.84) and not got[64, "skip-9"]["met"]
-    control = got[64, "control:"]
+    assert (got[8, full[1]]["ratio"], got[8, full[1]]["phase"], got[8, full[1]]["met"]) == \
+        (0.96, "prefill", False)
+    assert (got[8, full[2]]["ratio"], got[8, full[2]]["met"]) == (1.0, True)
+    skip3 = got[1, "skip-3 / ideal 1.11"]
+    assert skip3["ratio"] == pytest.approx(0.909) and skip3["met"]
+    assert skip3["low"] == pytest.approx(0.9 * 27 / 30)
+    skip9 = got[64, "skip-9 / ideal 1.43"]
+    assert skip9["ratio"] == pytest.approx(0.84) and not skip9["met"]
+    routed = got[1, "routed+0.00 / plain default"]
+    assert (routed["ratio"], routed["need"], routed["met"], routed["accuracy"],
+            routed["plain_accuracy"]) == (1.0, 1.0, True, 0.4, 0.475)
+    assert not got[64, "routed+0.00 / plain default"]["met"]
+    control = got[64, "control: plain default B / A"]
     assert (control["ratio"], control["need"], control["met"]) == (1.0, None, None)
-    text = bench.targets_text(bench.targets(rows))
-    assert "c=1   full / plain eager         need 0.98: 0.970 MISSED (rounds 0.960-0.990, 3)" \
-        in text, text
+    text = bench.targets_text(checks)
+    for line in (
+            "c=1   full / plain default, all      need 0.97: 0.960 MISSED (rounds 0.950-0.990, 3)",
+            "c=8   full / plain default, prefill  need 0.97: 0.960 MISSED (rounds 0.900-1.000, 3)",
+            "c=8   full / plain default, decode   need 0.97: 1.000 met (rounds 1.000-1.000, 3)",
+            "c=1   routed+0.00 / plain default    need 1.00: 1.000 met (rounds 0.900-1.100, 3); "
+            "accuracy 0.400 (plain default 0.475)"):
+        assert line in text, text
+    assert "eager" not in text  # the old targets are gone
     assert bench.rounds_at(1, 2) == bench.rounds_at(8, 2) == 3 and bench.rounds_at(32, 2) == 2
 
     # pooled over batches: full's per-round ratios 1, 2, 0.5, 1, 1, 0.5 -> median 1.0
     rows = [row(1, "full", [1, 2, 0.5]), row(8, "full", [1, 1, 0.5]),
-            row(1, "plain-eager-b", [1, 1, 1]), row(8, "plain-eager-b", [2, 2, 2])]
+            row(1, "plain-default-b", [1, 1, 1]), row(8, "plain-default-b", [2, 2, 2])]
     pooled = {t["target"]: t for t in bench.targets(rows) if t["concurrency"] == "all"}
-    full = pooled["full / plain eager, pooled"]
-    assert (full["rounds"], full["ratio"], full["low"], full["high"], full["met"]) == \
-        (6, 1.0, 0.5, 2.0, True)
-    control = pooled["control: plain eager B / A, pooled"]
+    full = pooled["full / plain default, pooled"]
+    assert (full["rounds"], full["ratio"], full["low"], full["high"], full["need"],
+            full["met"]) == (6, 1.0, 0.5, 2.0, 0.97, True)
+    control = pooled["control: plain default B / A, pooled"]
     assert (control["ratio"], control["met"]) == (1.5, None)
 
 
 def test_full_mode_token_agreement_by_hand():
+    """Rounds have their own prompts: full's tokens are compared with the
+    plain runs of the same round only (plain default runs once per paired case)."""
     bench = load_bench()
 
-    def case(*rounds):
-        return bench.Case("x", "x", [None] * 3, rounds=[{"tokens": t} for t in rounds])
+    def case(name, *rounds):
+        return bench.Case(name, name, [None] * 3,
+                          rounds=[{"round": i, "tokens": t} for i, t in rounds])
 
-    plain = case([[1], [2], [3]], [[1], [2], [4]])  # request 2 flips between plain's rounds
-    full = case([[1], [5], [4]], [[1], [5], [3]])  # request 1 never matches
-    got = bench.token_agreement(full, plain)
-    assert got == {"requests": 3, "equal_first_round": 1, "plain_equal_to_itself": 2,
-                   "never_equal": [1]}
+    full = case("full", (0, [[1], [5], [3]]), (1, [[2], [6], [9]]))
+    default = case("plain-default", (0, [[1], [2], [3]]), (0, [[1], [2], [4]]),
+                   (1, [[2], [6], [8]]))
+    eager = case("plain-eager", (0, [[1], [2], [3]]), (1, [[2], [7], [8]]))
+    got = bench.token_agreement(full, [default, eager])
+    # round 1's [9] would match nothing anyway; round 0's [5] matches no plain run of round 0
+    assert got == {"requests": 6, "equal": {"plain-default": 4, "plain-eager": 3},
+                   "plain_agree": 4, "never_equal": [[0, 1], [1, 2]]}
+
+
+def test_each_round_has_prompts_of_its_own():
+    bench = load_bench()
+
+    class Tokenizer:
+        def encode(self, text):
+            return [ord(ch) for ch in text]
+
+    rounds, source = bench.real_prompts(Tokenizer(), 4, 3, 64)
+    assert [len(r) for r in rounds] == [4, 4, 4] and "ARC-Challenge" in source
+    texts = [tuple(p) for r in rounds for p in r]
+    assert len(set(texts)) == 12  # no round repeats a prompt of another
+    assert all(len(p) <= 64 for p in texts)
 
 
 def test_grouping_shrinks_the_union_and_keeps_waiting_bounded(quick):
@@ -189,41 +247,61 @@ def test_bench_rejects_an_unknown_workload_and_names_the_accepted_ones(capsys):
     err = capsys.readouterr().err
     assert "'skip-4'" in err and "skip-3" in err and "pool4-grouping-off" in err
     # the control workload needs its own engine, so asking for it starts one
-    assert bench.parse_args(["--cases", "plain-eager-b", "full"]).control
+    assert bench.parse_args(["--cases", "plain-default-b", "full"]).control
     assert not bench.parse_args(["--cases", "full"]).control
+    with pytest.raises(SystemExit):  # the reference alone: nothing to compare with it
+        bench.parse_args(["--cases", "plain-default"])
+    # a case comes with its reference; naming only the reference picks nothing
+    cases = bench.workload_cases(1, 30, [0.0], 0)
+    assert [k.name for k in bench.chosen(cases, "plain-default", ["full"])] == \
+        ["plain-default", "full"]
+    assert bench.chosen(cases, "plain-default", ["plain-default"]) == []
 
+
+class StandIn:
+    """A stand-in engine: each run of requests takes len(costs) steps, step i
+    sleeping costs[i] seconds; request j gets its first token at step first[j]
+    (default 0) and one token per step from then on."""
+
+    def __init__(self, name, costs, first=(), log=None):
+        self.name, self.costs, self.first, self.log = name, costs, first, log
+        self.queue, self.i, self.prompts = [], 0, []
+
+    def add_request(self, request_id, prompt, params):
+        self.queue.append((request_id, prompt["prompt_token_ids"]))
+        self.prompts.append(prompt["prompt_token_ids"])
+
+    def has_unfinished_requests(self):
+        return bool(self.queue)
+
+    def step(self):
+        import time
+        from types import SimpleNamespace
+
+        if self.log is not None:
+            self.log.append(self.name)
+        time.sleep(self.costs[self.i])
+        self.i += 1
+        done = self.i == len(self.costs)
+        outs = [SimpleNamespace(request_id=r, outputs=[SimpleNamespace(token_ids=[7])],
+                                finished=done, prompt_token_ids=p,
+                                metrics=SimpleNamespace(scheduled_ts=0.0))
+                for j, (r, p) in enumerate(self.queue)
+                if (self.first[j] if j < len(self.first) else 0) < self.i]
+        if done:
+            self.queue, self.i = [], 0
+        return outs
 
 
 def test_interleaved_runs_take_turns_and_count_only_their_own_steps():
     """The bench's timing rule, on two stand-in engines whose steps cost known
     times (vLLM itself runs through it in the quick benchmark above)."""
-    import time
     from types import SimpleNamespace
 
     bench = load_bench()
     log = []
-
-    class Engine:
-        def __init__(self, name, steps, seconds):
-            self.name, self.left, self.seconds, self.ids = name, steps, seconds, []
-
-        def add_request(self, request_id, prompt, params):
-            self.ids.append((request_id, prompt["prompt_token_ids"]))
-
-        def has_unfinished_requests(self):
-            return self.left > 0
-
-        def step(self):
-            log.append(self.name)
-            time.sleep(self.seconds)
-            self.left -= 1
-            return [SimpleNamespace(request_id=i, outputs=[SimpleNamespace(token_ids=[7])],
-                                    finished=self.left == 0, prompt_token_ids=p,
-                                    metrics=SimpleNamespace(scheduled_ts=0.0))
-                    for i, p in self.ids]
-
-    slow = SimpleNamespace(llm_engine=Engine("slow", 3, 0.05))
-    fast = SimpleNamespace(llm_engine=Engine("fast", 5, 0.001))
+    slow = SimpleNamespace(llm_engine=StandIn("slow", [0.05] * 3, log=log))
+    fast = SimpleNamespace(llm_engine=StandIn("fast", [0.001] * 5, log=log))
     got = bench.interleaved([(slow, bench.Case("a", "plain-a", [None] * 2)),
                              (fast, bench.Case("b", "plain-b", [None] * 2))], [[1, 2]], 5)
     assert log == ["slow", "fast"] * 3 + ["fast"] * 2  # turns until one is done
@@ -231,3 +309,47 @@ def test_interleaved_runs_take_turns_and_count_only_their_own_steps():
     assert got[1]["seconds"] < 0.05  # the slow engine's steps are not counted
     assert [r["out_tokens"] for r in got] == [2 * 3, 2 * 5]
     assert got[0]["ttft_s"] == pytest.approx(got[0]["seconds"] / 3, rel=0.5)
+
+
+def test_a_run_splits_into_prefill_and_decode_phases():
+    """Prefill lasts until the last request has its first token (here the
+    second request's, at step 2 of 4, the first request already decoding)."""
+    from types import SimpleNamespace
+
+    bench = load_bench()
+    engine = SimpleNamespace(llm_engine=StandIn("e", [0.03, 0.03, 0.001, 0.001], first=[0, 1]))
+    (got,) = bench.interleaved([(engine, bench.Case("a", "plain-a", [None] * 2))], [[1]], 5)
+    ph = got["phases"]
+    assert ph["all"] == got["seconds"] and ph["prefill"] + ph["decode"] == ph["all"]
+    assert 0.06 <= ph["prefill"] < 0.06 + 0.02
+    assert 0.002 <= ph["decode"] < 0.02
+    assert got["out_tokens"] == 4 + 3  # the second request joined a step late
+
+
+def test_plan_pairs_every_case_with_the_reference_on_each_rounds_prompts():
+    """run_plan on stand-in engines: each case runs interleaved with plain
+    default, round i on prompts[i] for both; the reference steps first in even
+    rounds; x default by phase is the reference's phase time over the case's."""
+    from types import SimpleNamespace
+
+    bench = load_bench()
+    log = []
+    ref = StandIn("ref", [0.02, 0.02, 0.02], log=log)  # one prefill step, two decode steps
+    fast = StandIn("fast", [0.01, 0.002, 0.002], log=log)  # prefill 2x, decode 10x faster
+    engines = {"plain-default": SimpleNamespace(llm_engine=ref),
+               "plain-fast": SimpleNamespace(llm_engine=fast)}
+    cases = [bench.Case("plain-default", "plain-default", [None]),
+             bench.Case("x", "plain-fast", [None])]
+    args = SimpleNamespace(output_len=3)
+    bench.run_plan([(1, cases, 2, "plain-default")], engines, [[[1]], [[2]]], args,
+                   SimpleNamespace(update=lambda: None))
+    assert log == ["ref", "fast"] * 3 + ["fast", "ref"] * 3  # order flips in round 1
+    assert ref.prompts == fast.prompts == [[1], [2]]
+    assert [r["round"] for r in cases[1].rounds] == [0, 1]
+    row = bench.summarise(cases[1], 30)
+    assert row["reference_phases"] == [r["phases"] for r in cases[0].rounds]
+    x = row["x_by_phase"]
+    assert x["prefill"]["ratio"] == pytest.approx(2, rel=0.3)
+    assert x["decode"]["ratio"] == pytest.approx(10, rel=0.3)
+    assert row["x_plain_default"] == x["all"]["ratio"] == pytest.approx(60 / 14, rel=0.3)
+    assert bench.summarise(cases[0], 30)["x_plain_default"] == 1.0
