@@ -16,6 +16,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MAX_MODEL_LEN = 512
+# prompts of several lengths and kinds, shared by the engine tests
+PROMPTS = [
+    "The capital of France is",
+    "Question: What is 12 plus 7? Answer:",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "def fibonacci(n):",
+    "List three colours of the rainbow:",
+    "Water boils at a temperature of",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Photosynthesis is the process by which plants",
+    "In 1969, the first humans landed on",
+]
 
 
 def make_llm(model: str, **kwargs):

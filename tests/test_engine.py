@@ -12,22 +12,10 @@ from vllm import SamplingParams
 from drllm_vllm import schedule_of
 from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
-from .conftest import make_llm, shutdown
+from .conftest import PROMPTS, make_llm, shutdown
 
 L = 30
 MAX_TOKENS = 6
-
-PROMPTS = [
-    "The capital of France is",
-    "Question: What is 12 plus 7? Answer:",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-    "def fibonacci(n):",
-    "List three colours of the rainbow:",
-    "Water boils at a temperature of",
-    "The quick brown fox jumps over the lazy dog. The quick brown fox",
-    "Photosynthesis is the process by which plants",
-    "In 1969, the first humans landed on",
-]
 
 
 def sched(**changes: int) -> tuple[int, ...]:
