@@ -63,6 +63,7 @@ class LayerGraph:
         )
         self._graph = None  # the inductor-compiled graph, once traced
         self._inputs: list[tuple[str, Any]] | None = None  # how to build its inputs
+        self._per_call: list[tuple[int, Any]] = []  # (input index, getter) per call
         self._layer_inputs: dict[tuple[int, int], list] = {}
 
     @property

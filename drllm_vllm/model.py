@@ -101,9 +101,7 @@ class DrModelMixin:
             if self.layer_graph is not None and not self.layer_graph.compiled:
                 self._compile_layer_graph(input_ids, positions, inputs_embeds)
             return model(input_ids, positions, intermediate_tensors, inputs_embeds)
-        hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(
-            input_ids
-        )
+        hidden = self._embed(input_ids, inputs_embeds)
         residual = None
         for i, layer in enumerate(model.layers):
             if step.to_route:
@@ -150,10 +148,13 @@ class DrModelMixin:
             kernels.scatter_rows_(residual, tok, r)
             return hidden, residual
 
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if inputs_embeds is not None:
+            return inputs_embeds
+        return self.model.embed_input_ids(input_ids)
+
     def _compile_layer_graph(self, input_ids, positions, inputs_embeds) -> None:
-        hidden = inputs_embeds if inputs_embeds is not None else self.model.embed_input_ids(
-            input_ids
-        )
+        hidden = self._embed(input_ids, inputs_embeds)
         self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden))
 
     def _call_layer(self, layer, positions, hidden, residual):
