@@ -12,8 +12,10 @@ engine (`plain-default-b`: two copies of one engine read apart by the
 machine's noise alone, which shows how small a gap the run can resolve),
 and the plugin; then, once those are shut down, two plugin engines with a
 small batch that differ only in grouping by schedule (DRLLM_GROUPING=1/0).
-Every plain engine runs with prefix caching off (the plugin turns it off
-too), and every round draws its own prompts besides.
+Every engine, plain and plugin, runs with prefix caching off (a pair's two
+runs send the same prompts, and the reference engine would otherwise hit
+its own cache), and every round draws its own prompts besides. Prefix
+caching is measured on its own by benchmarks/prefix_chunk.sh.
 
 This machine's speed drifts by up to 2x over seconds, so back-to-back
 rounds of a few seconds each read up to 25% apart. Instead every run of a
@@ -28,8 +30,8 @@ it; its tokens/s is its best round. Each run's time is also split in two
 phases, each with its ratio formed the same way: prefill (from submission
 until every request of the run has its first token) and decode (the rest).
 The prefill phase is a phase, not pure prefill: it can include decode
-tokens of requests admitted earlier, and plain default splits prompts into
-chunks (chunked prefill) where the plugin runs whole prompts. Plain eager
+tokens of requests admitted earlier. Plain default and the plugin both chunk
+long prompts (chunked prefill), the plugin keeping each routing window whole. Plain eager
 is an ordinary workload, so its x default is known at each batch, and a
 workload's `x eager` is its x default over plain eager's (medians over
 rounds). Every engine runs with glibc malloc's thresholds fixed (MALLOC_ENV
@@ -207,10 +209,10 @@ def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[
         REFERENCE: (base, dict(enable_prefix_caching=False), {}),
         "plain-default-b": (base, dict(enable_prefix_caching=False), {}),
         "plain-eager": (base, dict(eager), {}),
-        "drllm": (checkpoint, {}, {"DRLLM_GROUPING": "1"}),
-        "grouping-on": (checkpoint, dict(max_num_seqs=args.group_batch),
+        "drllm": (checkpoint, dict(enable_prefix_caching=False), {"DRLLM_GROUPING": "1"}),
+        "grouping-on": (checkpoint, dict(max_num_seqs=args.group_batch, enable_prefix_caching=False),
                         {"DRLLM_GROUPING": "1"}),
-        "grouping-off": (checkpoint, dict(max_num_seqs=args.group_batch),
+        "grouping-off": (checkpoint, dict(max_num_seqs=args.group_batch, enable_prefix_caching=False),
                          {"DRLLM_GROUPING": "0"}),
     }
     import vllm.envs
@@ -305,7 +307,7 @@ def interleaved(jobs: list[tuple[object, Case]], prompts: list[list[int]],
     Each run's time is split in `phases`: prefill, from submission through
     the step that gives the last of its requests its first token, and decode,
     the rest. Steps of the prefill phase can also decode requests admitted
-    earlier (and plain default's chunked prefill spreads a prompt over steps),
+    earlier (and chunked prefill spreads a long prompt over steps),
     so it is the phase, not pure prefill."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -624,7 +626,7 @@ LEGEND = ("`tok/s`, `req/s`, `TTFT`: the case's best round, counting only its ow
           "step by step (each round its own prompts), median over rounds, `rounds` its lowest "
           "and highest round; `prefill`, `decode`: the same for each run's prefill phase "
           "(submission until every request has its first token; it can include decode steps "
-          "of requests admitted earlier, and plain default chunks prompts) and decode phase "
+          "of requests admitted earlier, and chunked prefill splits long prompts) and decode phase "
           "(the rest); `x eager` = x default / plain eager's x default at the same batch; "
           "`ideal` = L / layer applications per token, `ideal U` = L / layer passes per "
           "decode step; `of ideal` = x default / ideal; `attain` = the speed-up over plain "

@@ -33,6 +33,7 @@ import torch
 from vllm.logger import init_logger
 
 from .batch import RouteRequest, StepBatch
+from .caching import step_token_budget
 from .config import ARCHITECTURES, parse_controls, parse_drllm_block
 from .schedule import Schedule, full_schedule
 
@@ -61,10 +62,12 @@ def dr_checkpoint_config(model: str, hf_overrides: Any = None) -> dict | None:
 
 
 def _apply_engine_settings(args) -> list[str]:
-    """Refuse conflicting explicit settings, then put ours in force."""
+    """Refuse conflicting explicit settings, then put ours in force.
+
+    Prefix caching and chunked prefill stay as vLLM sets them (on by
+    default): DrScheduler makes both exact under per-request schedules
+    (caching.py)."""
     refused = {
-        "prefix caching": args.enable_prefix_caching is True,
-        "chunked prefill": args.enable_chunked_prefill is True,
         "speculative decoding": bool(args.speculative_config),
         "LoRA": bool(args.enable_lora),
         "pipeline parallelism": (args.pipeline_parallel_size or 1) > 1,
@@ -72,10 +75,8 @@ def _apply_engine_settings(args) -> list[str]:
     bad = [k for k, v in refused.items() if v]
     if bad:
         raise DrllmConfigError(
-            f"Dr.LLM checkpoints cannot run with {', '.join(bad)}: routers pool each "
-            f"request's whole prompt and layers run on per-request row subsets. "
-            f"Remove the flag(s); the plugin turns prefix caching and chunked "
-            f"prefill off by itself."
+            f"Dr.LLM checkpoints cannot run with {', '.join(bad)}: layers run on "
+            f"per-request row subsets under per-request schedules. Remove the flag(s)."
         )
     from vllm.platforms import current_platform
 
@@ -90,8 +91,6 @@ def _apply_engine_settings(args) -> list[str]:
             f"--scheduler-cls {args.scheduler_cls} conflicts with the Dr.LLM "
             f"scheduler {SCHEDULER_CLS}; leave it unset"
         )
-    args.enable_prefix_caching = False
-    args.enable_chunked_prefill = False
     # CPU compiles as stock vLLM does (the routed loop stays in Python and
     # calls one shared compiled layer graph; model.py, compile.py). CUDA
     # stays eager: a CUDA graph captured whole would bake in one schedule,
@@ -101,8 +100,6 @@ def _apply_engine_settings(args) -> list[str]:
     args.worker_cls = WORKER_CLS[device]
     args.scheduler_cls = SCHEDULER_CLS
     return [
-        "prefix caching off",
-        "chunked prefill off",
         "eager execution" if args.enforce_eager else "compiled layers (one shared graph)",
         f"worker {args.worker_cls}",
         f"scheduler {args.scheduler_cls}",
@@ -124,12 +121,13 @@ def _wrap_create_engine_config(orig):
         settings = _apply_engine_settings(self)
         vllm_config = orig(self, *a, **kw)
         sched = vllm_config.scheduler_config
-        if sched.max_num_batched_tokens < vllm_config.model_config.max_model_len:
-            raise DrllmConfigError(
-                f"max_num_batched_tokens={sched.max_num_batched_tokens} is below "
-                f"max_model_len={vllm_config.model_config.max_model_len}: a whole "
-                f"prompt must fit in one step; raise it or lower --max-model-len"
-            )
+        settings[:0] = [
+            "exact prefix caching (salted by schedule)"
+            if vllm_config.cache_config.enable_prefix_caching else "prefix caching off",
+            "chunked prefill (routing windows whole, clamped to "
+            f"{step_token_budget(sched.max_num_batched_tokens, sched.long_prefill_token_threshold, True)}"
+            " tokens)" if sched.enable_chunked_prefill else "chunked prefill off",
+        ]
         settings.append(f"max_num_batched_tokens {sched.max_num_batched_tokens}")
         logger.info(
             "Dr.LLM checkpoint %s: %d routers (%s), windows=%d, repeat layers %s; "
@@ -319,14 +317,19 @@ class DrRunnerMixin:
         elif controls.mode == "schedule":
             schedule = controls.schedule
         else:
-            num_prompt = len(state.prompt_token_ids)
-            if self.input_batch.num_computed_tokens_cpu[row] != 0:
+            # The scheduler admits a routed request with its whole routing
+            # window in this step and nothing read from the prefix cache
+            # (DrScheduler._admit, caching.py); anything else is a bug.
+            end = min(controls.route_tokens or len(state.prompt_token_ids),
+                      len(state.prompt_token_ids))
+            in_step = int(query_start[row + 1] - query_start[row])
+            if self.input_batch.num_computed_tokens_cpu[row] != 0 or in_step < end:
                 raise RuntimeError(
-                    f"request {rid} reached routing with computed tokens; "
-                    f"routers need its whole prompt in one step"
+                    f"request {rid} reached routing with "
+                    f"{self.input_batch.num_computed_tokens_cpu[row]} tokens computed and "
+                    f"{in_step} in this step; its routers need prompt tokens 0..{end} in one step"
                 )
-            to_route.append(RouteRequest(row, controls.bias, controls.route_tokens or num_prompt,
-                                         controls.route_start))
+            to_route.append(RouteRequest(row, controls.bias, end, controls.route_start))
             return None
         self._drllm_schedules[rid] = schedule
         self._drllm_decided[rid] = schedule
@@ -466,6 +469,9 @@ def __getattr__(name: str):
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
 
+ROUTED_KEYS_KEPT = 65536  # routing keys whose schedule the scheduler remembers
+
+
 class DrScheduler(Scheduler):
     """Keeps each request's schedule; returns it with the final output.
 
@@ -487,16 +493,91 @@ class DrScheduler(Scheduler):
         hf_config = self.vllm_config.model_config.hf_config
         self._drllm_num_layers = hf_config.num_hidden_layers
         self._drllm_block = _drllm_of(hf_config) if hasattr(hf_config, "drllm") else None
+        from collections import OrderedDict
+
+        sc = self.scheduler_config
+        self._drllm_budget = step_token_budget(
+            sc.max_num_batched_tokens, sc.long_prefill_token_threshold, sc.enable_chunked_prefill)
+        # routing key -> the schedule its first request was routed to (LRU)
+        self._drllm_routed: OrderedDict[str, Schedule] = OrderedDict()
+        self._drllm_routing: dict[str, str] = {}  # key -> id of the request routing it now
+        self._drllm_key_of: dict[str, str] = {}  # request id -> its routing key
+        self._drllm_route_end: dict[str, int] = {}  # not yet routed: first chunk must reach this
         logger.info("Dr.LLM scheduler: grouping by schedule %s (max overtaken %d)",
                     "on" if self._drllm_grouping else "off", self._drllm_max_overtaken)
 
     def add_request(self, request) -> None:
         from .grouping import Waiting
 
+        if self._drllm_block is not None:
+            self._admit(request)
         self._drllm_waiting[request.request_id] = Waiting(self._known_schedule(request),
                                                           self._drllm_arrivals)
         self._drllm_arrivals += 1
         super().add_request(request)
+
+    def _admit(self, request) -> None:
+        """Salt the request's prefix-cache key by what fixes its schedule
+        (caching.py); pin a routed request whose key was routed before."""
+        from . import caching
+
+        controls = parse_controls(request.sampling_params.extra_args,
+                                  self._drllm_num_layers, self._drllm_block)
+        rid = request.request_id
+        if controls.mode != "routed":
+            schedule = (full_schedule(self._drllm_num_layers) if controls.mode == "full"
+                        else controls.schedule)
+            ours = caching.schedule_salt(schedule)
+        else:
+            prompt = request.prompt_token_ids
+            end = caching.route_end(len(prompt), controls.route_tokens, self._drllm_budget)
+            start = min(controls.route_start, end - 1)
+            if end < (controls.route_tokens or len(prompt)):  # clamped to the step's budget
+                self._set_controls(request, drllm_route_tokens=end,
+                                   drllm_route_start=start)
+            ours = caching.routing_key(prompt, end, start, controls.bias)
+            known = self._drllm_routed.get(ours)
+            if known is not None:  # run it as that request ran: a forced schedule
+                self._drllm_routed.move_to_end(ours)
+                self._pin(request, known)
+            else:
+                self._drllm_route_end[rid] = end
+                request.skip_reading_prefix_cache = True  # its routers need the states
+                if ours in self._drllm_routing:  # a twin is routing it: keep apart
+                    ours = caching.private_salt(ours, rid)
+                else:
+                    self._drllm_routing[ours] = rid
+                    self._drllm_key_of[rid] = ours
+        request.cache_salt = caching.combine_salt(request.cache_salt, ours)
+        if request.block_hashes:  # hashed at creation with the user's salt only
+            request.block_hashes = []
+            request.update_block_hashes()
+
+    @staticmethod
+    def _set_controls(request, **controls) -> None:
+        """Replace some drllm_* controls of one request (its own copy of the
+        sampling parameters: the caller's object may be shared)."""
+        params = request.sampling_params.clone()
+        params.extra_args = {**(params.extra_args or {}), **controls}
+        request.sampling_params = params
+
+    def _pin(self, request, schedule: Schedule) -> None:
+        """From now on the request runs `schedule` (also after a preemption)."""
+        args = {k: v for k, v in (request.sampling_params.extra_args or {}).items()
+                if not k.startswith("drllm_")}
+        params = request.sampling_params.clone()
+        params.extra_args = {**args, "drllm_mode": "schedule", "drllm_schedule": list(schedule)}
+        request.sampling_params = params
+        self._drllm_route_end.pop(request.request_id, None)
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        # A routed request's routing window is computed in one step: its first
+        # chunk reaches the window's end, or it waits.
+        n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        end = self._drllm_route_end.get(request.request_id)
+        if end is not None and num_computed_tokens == 0 and n < end:
+            return 0
+        return n
 
     def _known_schedule(self, request) -> Schedule | None:
         """The schedule a request will run if known before its prefill (not routed)."""
@@ -536,11 +617,30 @@ class DrScheduler(Scheduler):
         decided = getattr(model_runner_output, "drllm_schedules", None)
         if decided:
             self._drllm_schedules.update(decided)
+            for rid, schedule in decided.items():
+                if rid in self._drllm_route_end and rid in self.requests:
+                    self._routed(self.requests[rid], schedule)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _routed(self, request, schedule: Schedule) -> None:
+        """A routed request got its schedule: remember it for its key, and pin it."""
+        key = self._drllm_key_of.pop(request.request_id, None)
+        if key is not None:
+            self._drllm_routing.pop(key, None)
+            self._drllm_routed[key] = schedule
+            while len(self._drllm_routed) > ROUTED_KEYS_KEPT:
+                self._drllm_routed.popitem(last=False)
+        self._pin(request, schedule)
+        # its own blocks were computed under `schedule`: a resumed request may read them
+        request.skip_reading_prefix_cache = request.get_skip_reading_prefix_cache()
 
     def _free_request(self, request, *args, **kwargs):
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
         self._drllm_waiting.pop(request.request_id, None)
+        self._drllm_route_end.pop(request.request_id, None)
+        key = self._drllm_key_of.pop(request.request_id, None)
+        if key is not None:  # ended before its schedule was known
+            self._drllm_routing.pop(key, None)
         schedule = self._drllm_schedules.pop(request.request_id, None)
         if schedule is not None:
             kv_params = {**(kv_params or {}), OUTPUT_KEY: report(schedule)}

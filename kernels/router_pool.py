@@ -47,26 +47,6 @@ except ImportError:  # the torch reference still works
 # ---------------------------------------------------------------------------
 
 
-def window_rows(
-    starts: torch.Tensor, lengths: torch.Tensor, num_windows: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows that are pooled and the (sequence * W + window) slot of each.
-
-    Returns (rows [M], slots [M], windows [S], rows_per_window [S]); M is the
-    number of rows kept, T mod Wc rows per sequence being dropped.
-    """
-    lengths = lengths.to(torch.int64)
-    windows = lengths.clamp(max=num_windows)
-    per_window = lengths // windows
-    kept = windows * per_window
-    seq = torch.repeat_interleave(torch.arange(len(kept), device=kept.device), kept)
-    first = torch.cumsum(kept, 0) - kept
-    pos = torch.arange(seq.numel(), device=kept.device) - first[seq]
-    rows = starts.to(torch.int64)[seq] + pos
-    slots = seq * num_windows + pos // per_window[seq]
-    return rows, slots, windows, per_window
-
-
 def route_logits_ref(
     hidden: torch.Tensor,
     starts: torch.Tensor,
@@ -82,21 +62,31 @@ def route_logits_ref(
 
     hidden (and residual, added in fp32 when given) are packed rows [N, d];
     sequence s is rows starts[s] : starts[s] + lengths[s] (lengths >= 1).
+    A sequence's windows are contiguous rows, so its window means are a
+    reshape of one slice (no gather or scatter); the MLP then runs once on
+    every window of every sequence. This is also the CPU path, where it
+    costs a few small ops per sequence (starts and lengths are read on the
+    host).
     """
-    device = hidden.device
-    starts, lengths = starts.to(device), lengths.to(device)
-    num_seqs, d = len(lengths), hidden.shape[1]
-    rows, slots, windows, per_window = window_rows(starts, lengths, num_windows)
-    x = hidden.index_select(0, rows).float()
-    if residual is not None:
-        x = x + residual.index_select(0, rows).float()
-    sums = torch.zeros(num_seqs * num_windows, d, device=device, dtype=torch.float32)
-    sums.index_add_(0, slots, x)
-    means = sums.view(num_seqs, num_windows, d) / per_window.view(-1, 1, 1)
-    h = torch.nn.functional.gelu(means @ w1.float().T + b1.float(), approximate="tanh")
-    per_window_logits = h @ w2.float().T + b2.float()  # [S, W, 3]
-    valid = torch.arange(num_windows, device=device) < windows.view(-1, 1)
-    logits = (per_window_logits * valid.unsqueeze(-1)).sum(1) / windows.view(-1, 1)
+    means, counts = [], []
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        windows = min(num_windows, length)
+        kept = windows * (length // windows)  # the last T mod Wc rows are dropped
+        x = hidden[start : start + kept].float()
+        if residual is not None:
+            x = x + residual[start : start + kept].float()
+        means.append(x.view(windows, kept // windows, -1).mean(dim=1))
+        counts.append(windows)
+    if not means:
+        empty = hidden.new_zeros(0, 3, dtype=torch.float32)
+        return empty, empty.argmax(dim=-1)
+    h = torch.nn.functional.linear(torch.cat(means), w1.float(), b1.float())
+    h = torch.nn.functional.gelu(h, approximate="tanh")
+    per_window = torch.nn.functional.linear(h, w2.float(), b2.float())  # [sum of windows, 3]
+    if len(set(counts)) == 1:  # usual: every prompt has at least W tokens
+        logits = per_window.view(len(counts), counts[0], 3).mean(dim=1)
+    else:
+        logits = torch.stack([part.mean(dim=0) for part in per_window.split(counts)])
     return logits, logits.argmax(dim=-1)
 
 

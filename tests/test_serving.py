@@ -122,8 +122,9 @@ def test_startup_prints_model_routers_and_settings(server, checkpoint):
     assert f"drllm serve: model {checkpoint}" in log
     assert re.search(r"drllm serve: routers .*routers.safetensors: 30 layers", log)
     # on CPU the served engine compiles, as plain `vllm serve` does
-    assert re.search(r"Dr.LLM checkpoint .*in force: prefix caching off, chunked prefill "
-                     r"off, compiled layers \(one shared graph\)", log)
+    assert re.search(r"Dr.LLM checkpoint .*in force: exact prefix caching \(salted by "
+                     r"schedule\), chunked prefill \(routing windows whole, clamped to \d+ "
+                     r"tokens\), compiled layers \(one shared graph\)", log)
 
 
 def test_openai_chat_completion_and_streaming(server, client):

@@ -94,8 +94,20 @@ def test_bad_checkpoints_fail_before_the_engine_starts(checkpoint, tmp_path, cas
 
 
 @pytest.mark.parametrize(
-    "setting", [{"enable_prefix_caching": True}, {"enable_chunked_prefill": True}]
+    "setting", [{"pipeline_parallel_size": 2}, {"enable_lora": True}]
 )
 def test_conflicting_engine_settings_are_refused(checkpoint, setting):
     with pytest.raises(ValueError, match="cannot run with"):
         make_llm(checkpoint, **setting)
+
+
+@pytest.mark.parametrize("flag", ["enable_prefix_caching", "enable_chunked_prefill"])
+@pytest.mark.parametrize("value", [None, True, False])
+def test_prefix_caching_and_chunked_prefill_follow_the_user(checkpoint, flag, value):
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = {} if value is None else {flag: value}
+    config = EngineArgs(model=str(checkpoint), max_model_len=512, **kwargs).create_engine_config()
+    on = (config.cache_config.enable_prefix_caching if flag == "enable_prefix_caching"
+          else config.scheduler_config.enable_chunked_prefill)
+    assert on is (value is not False)  # vLLM's default (on) unless switched off
