@@ -167,8 +167,11 @@ def bind_cpu_ranks(parallel_config) -> str | None:
     """
     from vllm.platforms import current_platform
 
-    ranks = parallel_config.world_size * max(parallel_config.data_parallel_size_local, 1)
-    if not current_platform.is_cpu() or ranks <= 1 or BIND_ENV in os.environ:
+    # vLLM reads the variable where its multiprocess executor starts the
+    # workers: one core list per local worker, all local DP ranks' in one list
+    ranks = parallel_config.local_world_size * max(parallel_config.data_parallel_size_local, 1)
+    if (not current_platform.is_cpu() or ranks <= 1 or BIND_ENV in os.environ
+            or parallel_config.distributed_executor_backend != "mp"):
         return None
     from vllm.utils.cpu_resource_utils import get_visible_memory_node
 

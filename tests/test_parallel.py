@@ -1,17 +1,21 @@
-"""Several ranks: tensor parallelism against one rank; what is refused.
+"""Several ranks: tensor and data parallelism against one rank; pipeline refused.
 
 A random-weight Qwen2 with even head counts (4 heads, 2 KV heads) runs one
 batch that mixes forced schedules, full mode and routed requests, with
-repeats, at tensor_parallel_size=1 and 2 (fp32, CPU, the real engine). Both
-must give the same tokens and schedules, request by request, and the oracle's.
-The TP=2 engine starts with VLLM_CPU_OMP_THREADS_BIND unset: the plugin must
-pick one core set per rank by itself.
+repeats, on one engine at tensor_parallel_size=1 and 2, and split between
+two data-parallel engines (fp32, CPU, the real engine). All must give the
+same tokens and schedules, request by request, and the oracle's. The TP=2
+engine starts with VLLM_CPU_OMP_THREADS_BIND unset: the plugin must pick one
+core set per rank by itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +24,7 @@ from drllm_vllm.config import DrConfig
 from drllm_vllm.hooks import BIND_ENV, DrllmConfigError, bind_cpu_ranks
 from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
-from .conftest import make_llm, shutdown
+from .conftest import MAX_MODEL_LEN, make_llm, shutdown
 from .test_engine import MAX_TOKENS, forced, params, run
 
 LAYERS = 4
@@ -87,19 +91,14 @@ def prompt_ids(checkpoint):
     return [tok.encode(p) for p in PROMPTS]
 
 
-def _serve_one_batch(checkpoint, prompt_ids, **kwargs):
-    """Start an engine, run REQUESTS as one batch, shut it down; results, seconds."""
-    start = time.perf_counter()
-    llm = make_llm(checkpoint, **kwargs)
-    try:
-        return run(llm, prompt_ids, REQUESTS), time.perf_counter() - start
-    finally:
-        shutdown(llm)
-
-
 @pytest.fixture(scope="module")
 def one_rank(tp_checkpoint, prompt_ids):
-    return _serve_one_batch(tp_checkpoint, prompt_ids)[0]
+    """REQUESTS as one batch on one engine, one rank (the reference here)."""
+    llm = make_llm(tp_checkpoint)
+    try:
+        return run(llm, prompt_ids, REQUESTS)
+    finally:
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +179,12 @@ def test_plugin_binds_one_core_set_per_rank(two_ranks):
         assert chosen == f"{cpus[0]}|{cpus[1]}"
 
 
-class _Parallel:
-    def __init__(self, world_size: int, data_parallel_size_local: int = 1):
-        self.world_size = world_size
+class _Parallel:  # the fields of vLLM's ParallelConfig that bind_cpu_ranks reads
+    def __init__(self, local_world_size: int, data_parallel_size_local: int = 1,
+                 distributed_executor_backend: str = "mp"):
+        self.local_world_size = local_world_size
         self.data_parallel_size_local = data_parallel_size_local
+        self.distributed_executor_backend = distributed_executor_backend
 
 
 @pytest.fixture
@@ -206,6 +207,8 @@ def test_core_sets_split_the_allowed_cores(one_numa_node, monkeypatch):
     assert bind_cpu_ranks(_Parallel(3)) is None
     monkeypatch.delenv(BIND_ENV)
     assert bind_cpu_ranks(_Parallel(1)) is None and BIND_ENV not in os.environ
+    # only vLLM's multiprocess executor reads it (not torchrun's external launcher)
+    assert bind_cpu_ranks(_Parallel(2, distributed_executor_backend="external_launcher")) is None
 
 
 def test_more_ranks_than_cores_is_a_clear_error(one_numa_node, monkeypatch):
@@ -221,8 +224,32 @@ def test_pipeline_parallelism_is_refused(tp_checkpoint):
         make_llm(tp_checkpoint, pipeline_parallel_size=2)
 
 
-def test_offline_data_parallelism_is_refused_by_vllm(tp_checkpoint):
-    """vLLM 0.32 runs no offline data parallelism for dense models (README,
-    "Several ranks"); if an upgrade does, this fails: add DP=2 to the check."""
-    with pytest.raises(ValueError, match=r"data_parallel_size=2\) is not supported"):
-        make_llm(tp_checkpoint, data_parallel_size=2)
+@two_cpus
+def test_data_parallel_matches_one_rank(tp_checkpoint, prompt_ids, one_rank, tmp_path):
+    """data_parallel_size=2 offline: two torchrun processes, one engine each
+    (vLLM's external launcher), the batch split between them. Eager, to keep
+    CI short: each rank is a plain one-rank engine, whose compiled path the
+    TP=1 run above already covers."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "checkpoint": str(tp_checkpoint), "max_model_len": MAX_MODEL_LEN,
+        "max_tokens": MAX_TOKENS, "enforce_eager": True,
+        "requests": [{"prompt_ids": p, "extra_args": r.extra_args}
+                     for p, r in zip(prompt_ids, REQUESTS)],
+    }))
+    script = Path(__file__).with_name("data_parallel_rank.py")
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    env.pop(BIND_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(spec), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, f"torchrun failed:\n{done.stderr[-3000:]}"
+    got = {}
+    for rank in (0, 1):
+        for i, (tokens, schedule) in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+            got[int(i)] = (tokens, tuple(schedule))
+    assert sorted(got) == list(range(len(REQUESTS)))
+    diffs = [(i, one_rank[i], got[i]) for i in got if got[i] != one_rank[i]]
+    assert not diffs, f"DP=2 differs from one engine (request, one engine, DP=2): {diffs}"
