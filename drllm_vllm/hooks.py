@@ -3,7 +3,8 @@
 A vLLM upgrade should need changes here and nowhere else:
 - engine settings: EngineArgs.create_engine_config is wrapped so that a
   Dr.LLM checkpoint gets the settings it needs and conflicting explicit
-  settings are refused before anything starts;
+  settings are refused before anything starts; several CPU workers on one
+  NUMA node get one core set each (`bind_cpu_ranks`);
 - request validation: InputProcessor._validate_params is wrapped so bad
   drllm_* controls are a VLLMValidationError (HTTP 400) at admission;
 - the model runner: `_model_forward` gives the model request identity
@@ -129,6 +130,9 @@ def _wrap_create_engine_config(orig):
             " tokens)" if sched.enable_chunked_prefill else "chunked prefill off",
         ]
         settings.append(f"max_num_batched_tokens {sched.max_num_batched_tokens}")
+        binding = bind_cpu_ranks(vllm_config.parallel_config)
+        if binding:
+            settings.append(f"one core set per CPU worker, VLLM_CPU_OMP_THREADS_BIND={binding}")
         logger.info(
             "Dr.LLM checkpoint %s: %d routers (%s), windows=%d, repeat layers %s; "
             "in force: %s",
@@ -140,6 +144,67 @@ def _wrap_create_engine_config(orig):
 
     create_engine_config._drllm = True
     return create_engine_config
+
+
+# -- several ranks on one CPU ----------------------------------------------
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def bind_cpu_ranks(parallel_config) -> str | None:
+    """Give each CPU worker a core set of its own when vLLM would refuse to.
+
+    vLLM's automatic binding (VLLM_CPU_OMP_THREADS_BIND unset or "auto") gives
+    each local worker a NUMA node of its own and refuses more workers than
+    nodes, so tensor_parallel_size=2 fails to start on a one-node machine. If
+    the user has not set the variable, split the cores this process may use
+    into equal contiguous sets, one per worker ("0|1" on 2 cores), and set it
+    here, before vLLM spawns its engine core and workers (they inherit it).
+    Like vLLM's automatic binding, one core per worker is left to the front
+    end and engine core when every worker still gets at least two. Returns the
+    value set, else None (one worker, the variable set, or enough nodes).
+    """
+    from vllm.platforms import current_platform
+
+    # vLLM reads the variable where its multiprocess executor starts the
+    # workers: one core list per local worker, all local DP ranks' in one list
+    ranks = parallel_config.local_world_size * max(parallel_config.data_parallel_size_local, 1)
+    if (not current_platform.is_cpu() or ranks <= 1 or BIND_ENV in os.environ
+            or parallel_config.distributed_executor_backend != "mp"):
+        return None
+    from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+    if len(get_visible_memory_node()) >= ranks:
+        return None  # vLLM's automatic binding works: one NUMA node per worker
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise DrllmConfigError(
+            f"{ranks} CPU workers (tensor x pipeline x local data parallel size) need "
+            f"at least {ranks} cores, this process may use {len(cpus)} ({cpus}); lower "
+            f"tensor_parallel_size or set {BIND_ENV} yourself (one core list per worker, "
+            f"separated by '|')"
+        )
+    if len(cpus) >= 3 * ranks:
+        cpus = cpus[:-ranks]
+    per_rank = len(cpus) // ranks
+    value = "|".join(_id_list(cpus[r * per_rank:(r + 1) * per_rank]) for r in range(ranks))
+    os.environ[BIND_ENV] = value
+    from vllm import envs
+
+    if envs._is_envs_cache_enabled():  # an engine started earlier in this process
+        envs.disable_envs_cache()
+        envs.enable_envs_cache()
+    return value
+
+
+def _id_list(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (the form VLLM_CPU_OMP_THREADS_BIND takes)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # -- request validation ----------------------------------------------------
