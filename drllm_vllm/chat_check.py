@@ -83,19 +83,22 @@ def is_correct(answer: str, accepted: tuple[str, ...]) -> bool:
     return any(normalise(a) in text for a in accepted)
 
 
-WORD = re.compile(r"^[^\W_]+(?:['\-][^\W_]+)*$")  # letters/digits, inner ' or -
+WORD = re.compile(r"^[^\W_]+(?:['’.,/\-][^\W_]+)*$")  # letters/digits, inner ' . , / -
+EDGE = ".,;:!?\"'()[]{}*`“”‘’«»"  # punctuation a word may carry around it
+OPERATOR = re.compile(r"^[-+*/=×÷<>≤≥%^]{1,2}$")  # "2 + 3 = 5" reads as text
 
 
 def _is_word(token: str) -> bool:
-    core = token.strip(".,;:!?\"'()[]")
-    if not WORD.match(core):
+    core = token.strip(EDGE)
+    if OPERATOR.match(token):
+        return True
+    if not WORD.match(core) or re.search(r"[a-z][A-Z]", core):  # "ofS": case flips inside
         return False
-    letters = core.lower()
     # four or more letters without a vowel ("xkcd", "zzgh") is not a word
-    return not (letters.isalpha() and len(letters) >= 4 and not re.search(r"[aeiouy]", letters))
+    return not (core.isalpha() and len(core) >= 4 and not re.search(r"[aeiouy]", core.lower()))
 
 
-def degenerate(text: str, max_repeats: int = 3, min_word_share: float = 0.5) -> str | None:
+def degenerate(text: str, max_repeats: int = 3, min_word_share: float = 0.7) -> str | None:
     """Why a generated answer is degenerate, or None when it reads as text.
 
     - "empty": nothing but whitespace;
@@ -106,13 +109,15 @@ def degenerate(text: str, max_repeats: int = 3, min_word_share: float = 0.5) -> 
     - "punctuation": under half of the non-space characters are letters or
       digits;
     - "non-words": under `min_word_share` of the whitespace-separated tokens
-      are words (letters/digits with inner ' or -, surrounding punctuation
-      allowed; four or more letters need a vowel).
+      are words (letters/digits with inner ' . , / or -, surrounding
+      punctuation and quotes allowed; no lower-to-upper case flip inside, so
+      camel case counts against; four or more letters need a vowel; an
+      arithmetic operator such as + or = counts as a word).
     Pure: no model, no state; units of `text` are characters."""
     stripped = "".join(text.split())
     if not stripped:
         return "empty"
-    words = [w.strip(".,;:!?\"'()[]").lower() for w in text.split()]
+    words = [w.strip(EDGE).lower() for w in text.split()]
     words = [w for w in words if w]
     for n in range(1, 5):
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]

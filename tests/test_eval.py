@@ -178,7 +178,9 @@ def test_every_row_has_paired_differences_per_task_and_layers():
 def test_degenerate_detector_on_known_cases():
     fine = ["Tokyo.", "The capital of Japan is Tokyo.", "7 times 8 is 56.",
             "The answer is 1,000,000.", "Water is H2O, made of hydrogen and oxygen.",
-            "Thank you!", "It's a cat - a small, furry pet.", "DNA", "Yes... I think so."]
+            "Thank you!", "It's a cat - a small, furry pet.", "DNA", "Yes... I think so.",
+            "**Answer:** 56", "The freezing point is 0 °C (32 °F), i.e. 273.15 K.",
+            "“Merci” means “thank you”.", "2 + 3 = 5", "6 * 7 = 42"]
     for text in fine:
         assert chat_check.degenerate(text) is None, text
     cases = {"": "empty", "  \n ": "empty",
@@ -188,7 +190,9 @@ def test_degenerate_detector_on_known_cases():
              "The answer is the answer is the answer is": "repetition",
              "!!!!!!!!!!": "repetition", "abababababab": "repetition",
              "?? !! ,, .. --": "punctuation", "#$%& *@ )(": "punctuation",
-             "xkcd qwrtp zzgh Tokyo": "non-words", "<|im_start|> <|im_end|> {} ok": "non-words"}
+             "xkcd qwrtp zzgh Tokyo": "non-words", "<|im_start|> <|im_end|> {} ok": "non-words",
+             # seen from SmolLM2-135M with a bad schedule
+             ". withableaza or withaza ofS. with+S. of).(U. with and“““": "non-words"}
     for text, why in cases.items():
         assert chat_check.degenerate(text) == why, text
 
