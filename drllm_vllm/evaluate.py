@@ -336,7 +336,8 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
         card_path = ROUTER_WEIGHTS_DIR / model / "card.json"
         card = json.loads(card_path.read_text())
         card["evaluation"] = {"command": report["command"], "date": report["date"],
-                              "limits": report["limits"], "table": md,
+                              "limits": report["limits"], "seed": report["seed"],
+                              "formats": report["formats"], "table": md,
                               "methods": {n: m["tasks"] for n, m in report["methods"].items()}}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         log(f"recorded the table in {card_path}")
