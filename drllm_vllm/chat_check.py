@@ -150,7 +150,7 @@ def summarise(answers: list[str], layers: list[float],
             "n": len(rows), "answers": rows}
 
 
-def run(llm, biases, max_tokens: int = 32, questions=QUESTIONS) -> dict:
+def run(llm, biases, max_tokens: int = 48, questions=QUESTIONS) -> dict:
     """Full and routed (each bias) greedy chat answers, summarised per method.
     {method name: summarise(...)}; layers are per generated token (of L)."""
     from vllm import SamplingParams
@@ -198,7 +198,7 @@ def table(result: dict) -> str:
 
 
 def main(checkpoint: Path, biases, dtype: str | None = None, out: Path | None = None,
-         max_tokens: int = 32, log=print) -> dict:
+         max_tokens: int = 48, log=print) -> dict:
     """Run the chat check on a checkpoint, print the table, and write JSON to
     `out` only when given."""
     from .evaluate import provenance
