@@ -46,8 +46,9 @@ Workloads at each concurrency c (c requests submitted at once):
 - grouping: 4*G requests whose schedules come from a pool of 4 (each skips
   9 random layers) through engines that run at most G at a time; grouping
   on vs off.
-- accuracy: ARC-Easy test questions (0-shot cloze, per-character
-  normalised) for plain vLLM default and each routed bias.
+- accuracy: a seeded random subset of ARC-Easy test questions (0-shot cloze,
+  per-character normalised), with its standard error, for plain vLLM
+  default, full and each routed bias.
 Prompts are ARC-Challenge and MATH test questions (drllm_vllm.tasks),
 alternating; round i takes the next n of them (n: the largest batch), so
 no round repeats a prompt of another (unless rounds x n exceeds the 1000
@@ -134,7 +135,8 @@ def forced(schedule: list[int]) -> dict:
 def real_prompts(tokenizer, n: int, rounds: int,
                  max_len: int) -> tuple[list[list[list[int]]], str]:
     """n prompts per round, as token ids, each round its own: ARC-Challenge and
-    MATH test questions, alternating, round i taking questions i*n to i*n+n-1
+    MATH test questions (seeded random subsets, `tasks.load` and
+    `tasks.generation_examples`), alternating, round i taking questions i*n to i*n+n-1
     (the pool wraps, with a warning, if it holds fewer than n x rounds)."""
     total = n * rounds
     try:
@@ -485,33 +487,39 @@ def check_counts(case: Case, L: int) -> list[str]:
 
 
 # -- accuracy (ARC-Easy cloze) -------------------------------------------------
-def accuracy(llm, tokenizer, n: int, extra: dict | None) -> float:
+def accuracy(llm, tokenizer, n: int, extra: dict | None, seed: int = 0) -> tuple[float, float]:
+    """(accuracy, its standard error), as fractions, on a seeded random subset
+    of n ARC-Easy test questions, zero-shot cloze, per-character normalised.
+    extra None: a plain vLLM engine (no Dr.LLM controls); otherwise the
+    controls, routed on the question (`tasks.route_span`)."""
     from vllm import SamplingParams
 
     from drllm_vllm import tasks
 
-    reqs, params, spans, golds = [], [], [], []
-    for ex in tasks.load("arc_easy", "eval", n):
-        ctx = [c.rsplit("\n\n", 1)[-1] for c in ex.contexts]  # 0-shot: the question alone
-        q = tokenizer.encode(ctx[0], add_special_tokens=False)
-        for c, x in zip(ctx, ex.continuations):
-            ids = tokenizer.encode(c, add_special_tokens=False) + \
-                tokenizer.encode(x, add_special_tokens=False)
-            reqs.append({"prompt_token_ids": ids})
-            e = None if extra is None else {**extra, "drllm_route_tokens": len(q)}
-            if e and e.get("drllm_mode") == "full":
-                e.pop("drllm_route_tokens")
+    reqs, params, starts, prompts, golds = [], [], [], [], []
+    for ex in tasks.load("arc_easy", "eval", n, "zero-shot", seed):
+        ids, shared = tasks.encode(tokenizer, ex)
+        start, end = tasks.route_span(tokenizer, ex, ids[0], shared)
+        e = None if extra is None else {**extra, "drllm_route_tokens": end}
+        if e and start:
+            e["drllm_route_start"] = start
+        if e and e.get("drllm_mode") == "full":
+            e = {"drllm_mode": "full"}
+        for p, x in zip(ids, ex.continuations):
+            reqs.append({"prompt_token_ids": p})
             params.append(SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args=e))
-            spans.append((len(ids) - len(tokenizer.encode(x, add_special_tokens=False)), ids))
+            starts.append(len(p) - len(tokenizer.encode(x, add_special_tokens=False)))
+            prompts.append(p)
         golds.append((len(ex.continuations), ex.gold, ex.continuations))
     outs = llm.generate(reqs, params, use_tqdm=False)
-    right, i = 0, 0
+    right, i = [], 0
     for k, gold, conts in golds:
-        lps = [tasks.continuation_logprob(outs[i + j].prompt_logprobs, spans[i + j][1],
-                                          spans[i + j][0]) for j in range(k)]
-        right += tasks.pick(lps, conts) == gold
+        lps = [tasks.continuation_logprob(outs[i + j].prompt_logprobs, prompts[i + j],
+                                          starts[i + j]) for j in range(k)]
+        right.append(tasks.pick(lps, conts) == gold)
         i += k
-    return right / len(golds)
+    p = sum(right) / len(right)
+    return p, (p * (1 - p) / max(len(right) - 1, 1)) ** 0.5
 
 
 # -- report --------------------------------------------------------------------
@@ -530,6 +538,7 @@ def targets(rows: list[dict]) -> list[dict]:
     out = []
     batches = sorted({r["concurrency"] for r in rows if r["case"] == REFERENCE})
     plain_acc = {r["concurrency"]: r.get("accuracy") for r in rows if r["case"] == REFERENCE}
+    plain_se = {r["concurrency"]: r.get("accuracy_se") for r in rows if r["case"] == REFERENCE}
     for r in rows:
         c, name = r["concurrency"], r["case"]
         if c not in batches or r.get("relative_to") or not r.get("x_by_phase"):
@@ -550,7 +559,8 @@ def targets(rows: list[dict]) -> list[dict]:
                         "high": x["high"] / scale, "rounds": len(x["round_ratios"]),
                         "met": _met(x["ratio"] / scale, need)})
             if name.startswith("routed"):
-                out[-1].update(accuracy=r.get("accuracy"), plain_accuracy=plain_acc[c])
+                out[-1].update(accuracy=r.get("accuracy"), accuracy_se=r.get("accuracy_se"),
+                               plain_accuracy=plain_acc[c], plain_accuracy_se=plain_se[c])
     for case, what, need in (("full", "full / plain default, pooled", 0.97),
                              ("plain-default-b", "control: plain default B / A, pooled", None)):
         pooled = pooled_ratio(rows, case)
@@ -591,8 +601,9 @@ def targets_text(checks: list[dict]) -> str:
             lines.append(f"  {t['target']}: median of {t['rounds']} rounds {t['ratio']:.3f} "
                          f"(95% {t['low']:.3f}-{t['high']:.3f}), {need}{verdict}")
             continue
-        acc = "" if "accuracy" not in t else \
-            f"; accuracy {_f(t['accuracy'])} (plain default {_f(t['plain_accuracy'])})"
+        acc = "" if "accuracy" not in t else (
+            f"; accuracy {_f(t['accuracy'])}{_se(t.get('accuracy_se'))} (plain default "
+            f"{_f(t['plain_accuracy'])}{_se(t.get('plain_accuracy_se'))})")
         lines.append(f"  c={t['concurrency']:<3} {t['target']:<30} {need}: {t['ratio']:.3f}"
                      f"{verdict} (rounds {t['low']:.3f}-{t['high']:.3f}, {t['rounds']}){acc}")
     return "\n".join(lines)
@@ -615,6 +626,10 @@ def table(rows: list[dict]) -> str:
             f"{r['ideal_mean']:>6.2f} {r['ideal_union']:>7.2f} {r['of_ideal']:>8.2f} "
             f"{_f(r.get('attainable'), 2):>6} {_f(r.get('accuracy')):>6}")
     return "\n".join(lines)
+
+
+def _se(x) -> str:
+    return "" if x is None else f" ± {x:.3f}"
 
 
 def _f(x, digits: int = 3) -> str:
@@ -785,14 +800,15 @@ def main(argv=None) -> dict:
                desc="rounds", file=sys.stderr)
     run_plan(plan, engines, prompts, args, bar)
 
-    acc = {}
+    acc, acc_se = {}, {}
     if args.accuracy_questions:  # plain default (the reference), full and each routed bias
         modes = {REFERENCE: None, "full": {"drllm_mode": "full"},
                  **{f"routed{b:+.2f}": {"drllm_bias": b} for b in args.biases}}
         for name, extra in modes.items():
             llm = engines.get(REFERENCE if extra is None else "drllm")
             if llm is not None:
-                acc[name] = accuracy(llm, tokenizer, args.accuracy_questions, extra)
+                acc[name], acc_se[name] = accuracy(llm, tokenizer, args.accuracy_questions,
+                                                   extra, args.seed)
     if group_plan:
         shared = engines["drllm"] if args.group_batch == max(args.concurrency) else None
         close(engines, keep=shared)
@@ -838,7 +854,7 @@ def main(argv=None) -> dict:
         if "full" in acc and REFERENCE in acc and acc["full"] != acc[REFERENCE]:
             errors.append(f"full-mode accuracy {acc['full']} != plain vLLM's {acc[REFERENCE]}")
         for r in rows:
-            r["accuracy"] = acc.get(r["case"])
+            r["accuracy"], r["accuracy_se"] = acc.get(r["case"]), acc_se.get(r["case"])
 
     now = datetime.now(timezone.utc)
     stem = args.out or f"throughput_{'quick_' if args.quick else ''}{now:%Y%m%d_%H%M}"
@@ -851,8 +867,9 @@ def main(argv=None) -> dict:
                         if k.startswith(("VLLM_CPU_", "OMP_", "DRLLM_", "MALLOC_"))},
         "checkpoint": str(checkpoint), "routers_trained": hf["drllm"].get("trained", False),
         "num_layers": L, "prompts": source, "wall_seconds": time.perf_counter() - started,
-        "accuracy_task": "arc_easy test, 0-shot cloze, per-char normalised",
-        "accuracy": acc, "rows": [{k: v for k, v in r.items()} for r in rows],
+        "accuracy_task": f"arc_easy test, seeded random subset (seed {args.seed}), 0-shot "
+                         "cloze, per-char normalised",
+        "accuracy": acc, "accuracy_se": acc_se, "rows": [{k: v for k, v in r.items()} for r in rows],
         "targets": targets(rows), "full_vs_plain_tokens": agreement,
         "memory_pressure": pressure,
         "errors": errors,
@@ -860,8 +877,10 @@ def main(argv=None) -> dict:
     text = table(rows)
     if result["targets"]:
         text += "\n\n" + targets_text(result["targets"])
-    footer = (f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions): "
-              f"{acc}\nrouters trained: {result['routers_trained']}; prompts: {source}; "
+    footer = (f"accuracy ({result['accuracy_task']}, {args.accuracy_questions} questions, "
+              "± one standard error): " + ", ".join(
+                  f"{k} {v:.3f} ± {acc_se[k]:.3f}" for k, v in acc.items())
+              + f"\nrouters trained: {result['routers_trained']}; prompts: {source}; "
               f"wall {result['wall_seconds']:.0f} s; environment {result['environment']}; "
               f"memory pressure during the run (/proc/vmstat deltas) {pressure}")
     if agreement:

@@ -125,19 +125,33 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    """Base vs routed (bias curve) vs static pruning on the test splits."""
+    """Base vs routed (bias curve) vs static pruning on the test splits, or
+    with --chat-check, full vs routed chat answers to known questions."""
     from pathlib import Path
 
     from .checkpoint import prepare
+    from .evaluate import parse_biases
+
+    biases = parse_biases(args.biases)
+    if args.save and not args.chat_check:
+        raise ValueError("--save is for --chat-check; the evaluation always writes "
+                         f"{args.out}.json/.md and its plots")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else prepare(args.model)
+    if args.chat_check:
+        from .chat_check import main as chat_check
+
+        out = Path(args.out + "_chat_check.json") if args.save else None
+        chat_check(checkpoint, biases, args.dtype, out)
+        return
     from .evaluate import main as run
 
-    biases = [float(b) for b in args.biases.split(",")]
-    run(Path(args.checkpoint) if args.checkpoint else prepare(args.model), args.model,
-        args.limit_in, args.limit_out, biases, args.generation, Path(args.out), args.dtype,
-        args.shots)
+    run(checkpoint, args.model, args.limit_in, args.limit_out, biases, args.generation,
+        Path(args.out), args.dtype, args.format, args.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .tasks import FORMATS
+
     parser = argparse.ArgumentParser(prog="drllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -200,15 +214,25 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("eval", help="base vs routed vs static pruning on the test splits")
     e.add_argument("--model", default="smollm2-135m-instruct")
     e.add_argument("--checkpoint", default=None)
-    e.add_argument("--limit-in", type=int, default=200, help="examples per in-domain task")
-    e.add_argument("--limit-out", type=int, default=100, help="per out-of-domain task")
-    e.add_argument("--biases", default="-0.6,-0.3,0,0.3")
+    e.add_argument("--limit-in", type=int, default=200,
+                   help="examples per in-domain task (a seeded random subset)")
+    e.add_argument("--limit-out", type=int, default=100,
+                   help="per out-of-domain task (MMLU stratified by subject)")
+    e.add_argument("--biases", default="-0.6,-0.3,0,0.3",
+                   help="comma-separated numbers in [-1, 1], or 'sweep' (-1 to 1 by 0.1)")
     e.add_argument("--generation", type=int, default=50, help="GSM8K/MATH base examples")
-    e.add_argument("--shots", type=int, default=None, choices=[0, 5],
-                   help="0: question only; 5: OLMES contexts (default: as searched and "
-                   "trained, zero-shot except arithmetic)")
+    e.add_argument("--format", default=None, choices=FORMATS,
+                   help="prompt format of every task (default: as searched and trained, "
+                   "zero-shot except five-shot arithmetic)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
+    e.add_argument("--chat-check", action="store_true",
+                   help="instead: full vs routed (each of --biases) greedy chat answers to "
+                   "known questions; accuracy, degenerate answers, layers")
+    e.add_argument("--save", action="store_true",
+                   help="with --chat-check: write <--out>_chat_check.json")
     e.add_argument("--dtype", default=None, help=DTYPE_HELP)
-    e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct")
+    e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct",
+                   help="results file stem")
     e.set_defaults(func=cmd_eval)
 
     args, rest = parser.parse_known_args(argv)

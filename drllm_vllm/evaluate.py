@@ -1,15 +1,20 @@
 """`drllm eval`: base vs routed vs static pruning, through the vLLM plugin.
 
-Every method scores the same fixed subsets (the first N evaluation examples
-of each task) with the cloze scoring of tasks.py:
+Every method scores the same seeded random subsets of the evaluation parts
+(`tasks.load`, MMLU stratified by subject) in one prompt format (zero-shot,
+five-shot, chat, or each task's default) with the cloze scoring of tasks.py:
 - base: `drllm_mode="full"`, every layer once;
-- routed: the checkpoint's routers at several `drllm_bias` values;
+- routed: the checkpoint's routers at several `drllm_bias` values (or the
+  sweep -1 to 1 in steps of 0.1);
 - static pruning at the depth a routed setting reached: the k layers with
   the lowest block influence (1 - mean cosine between a layer's input and
   output, measured on search prompts) are skipped for every request, as a
   forced schedule through the same engine.
-Reports accuracy and mean executed layer applications per example, writes
-JSON, a Markdown table, the Pareto plot and the per-layer decision heat map.
+Every row reports accuracy, its paired difference from base on the same
+examples with a standard error (per task and per group) and mean executed
+layer applications per example; writes JSON, a Markdown table, the Pareto
+plot and the per-layer decision heat map. The chat check (generation on
+chat questions with known answers) is `chat_check.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ import torch
 from . import tasks
 
 DEFAULT_BIASES = (-0.6, -0.3, 0.0, 0.3)
+SWEEP = tuple(round(-1 + 0.1 * i, 1) for i in range(21))  # -1.0, -0.9, ..., 1.0
+
+
+def parse_biases(text: str) -> list[float]:
+    """"sweep" (-1 to 1 in steps of 0.1) or comma-separated numbers in [-1, 1]."""
+    if text.strip() == "sweep":
+        return list(SWEEP)
+    try:
+        biases = [float(b) for b in text.split(",")]
+    except ValueError:
+        biases = []
+    if not biases or any(not -1 <= b <= 1 for b in biases):
+        raise ValueError(f"--biases {text!r} is not accepted; use 'sweep' or comma-separated "
+                         f"numbers in [-1, 1], e.g. -0.3,0,0.3")
+    return biases
 
 
 @torch.no_grad()
@@ -87,9 +107,10 @@ def summarise(results, examples) -> dict:
 
 
 def paired_delta(base: list[bool], other: list[bool], task_of: list[str]) -> dict:
-    """Per group, the macro mean over tasks of (other - base) accuracy in points
-    and its standard error from the per-example paired differences (the same
-    examples ran under both methods, so example difficulty cancels)."""
+    """(other - base) accuracy in points with its standard error from the
+    per-example paired differences (the same examples ran under both methods,
+    so example difficulty cancels): per task, and per group ("in_domain",
+    "out_of_domain") the macro mean over its tasks. {name: {"delta", "se"}}."""
     by_task: dict[str, list[int]] = {}
     for b, o, t in zip(base, other, task_of):
         by_task.setdefault(t, []).append(int(o) - int(b))
@@ -101,6 +122,8 @@ def paired_delta(base: list[bool], other: list[bool], task_of: list[str]) -> dic
         means = [sum(d) / len(d) for d in ds]
         # variance of each task's mean difference (sample variance / n)
         var = [sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d) for d, m in zip(ds, means)]
+        for t, m, v in zip([t for t in names if t in by_task], means, var):
+            out[t] = {"delta": 100 * m, "se": 100 * v ** 0.5}
         out[group] = {"delta": 100 * sum(means) / len(ds),
                       "se": 100 * sum(var) ** 0.5 / len(ds)}
     return out
@@ -115,16 +138,22 @@ def decision_counts(results, num_layers: int) -> list[list[int]]:
     return counts
 
 
-def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
-             biases=DEFAULT_BIASES, shots: int | None = None, influence_prompts: int = 64,
-             log=print) -> dict:
+def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | None,
+             biases=DEFAULT_BIASES, format: str | None = None, seed: int = 0,
+             influence_prompts: int = 64, log=print) -> dict:
+    """Score base, routed at each bias and static pruning at the routed depths
+    on `limit_in` / `limit_out` examples per in-domain / out-of-domain task
+    (seeded random subsets; None: all) in `format` (None: each task's default).
+    Returns the report: per method its controls, seconds, per-task
+    accuracy (%) and layers, and paired differences vs base (points, se)."""
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
-    examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(t, "eval", limit_in, shots)]
-    examples += [e for t in tasks.OUT_OF_DOMAIN for e in tasks.load(t, "eval", limit_out, shots)]
-    log(f"eval: {len(examples)} examples, shots {shots if shots is not None else tasks.DEFAULT_SHOTS} "
-        f"({limit_in} per in-domain task, "
-        f"{limit_out} per out-of-domain task), {sum(len(e.continuations) for e in examples)} "
-        f"requests per method")
+    examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(t, "eval", limit_in, format, seed)]
+    examples += [e for t in tasks.OUT_OF_DOMAIN
+                 for e in tasks.load(t, "eval", limit_out, format, seed)]
+    formats = {t: tasks.format_for(t, format) for t in tasks.SPLITS}
+    log(f"eval: {len(examples)} examples (seed {seed}; {limit_in} per in-domain task, "
+        f"{limit_out} per out-of-domain task), formats {formats}, "
+        f"{sum(len(e.continuations) for e in examples)} requests per method")
     methods: dict[str, dict] = {}
     heat = None
     task_of = [e.task for e in examples]
@@ -144,11 +173,11 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
                          "tasks": summarise(res, examples),
                          "vs_base": paired_delta(base_correct, correct, task_of)}
         s, d = methods[name]["tasks"], methods[name]["vs_base"]
-        log(f"{name}: in-domain {s['in_domain']['accuracy']:.1f}% "
-            f"({d['in_domain']['delta']:+.1f} ± {d['in_domain']['se']:.1f} vs base) at "
-            f"{s['in_domain']['layers']:.2f} layers, out-of-domain "
-            f"{s['out_of_domain']['accuracy']:.1f}% ({d['out_of_domain']['delta']:+.1f} ± "
-            f"{d['out_of_domain']['se']:.1f}) ({methods[name]['seconds']:.0f} s)")
+        log(f"{name}: " + ", ".join(
+            f"{g.replace('_', '-')} {s[g]['accuracy']:.1f}% ({d[g]['delta']:+.1f} ± "
+            f"{d[g]['se']:.1f} vs base) at {s[g]['layers']:.2f} layers"
+            for g in ("in_domain", "out_of_domain") if g in s)
+            + f" ({methods[name]['seconds']:.0f} s)")
         return res
 
     run("base", {"drllm_mode": "full"})
@@ -156,8 +185,8 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
         res = run(f"routed bias {p:+.2f}", {"drllm_mode": "routed", "drllm_bias": p})
         if p == 0.0:
             heat = decision_counts(res, L)
-    search_examples = [e for t in tasks.IN_DOMAIN
-                       for e in tasks.load(t, "search", influence_prompts // len(tasks.IN_DOMAIN))]
+    search_examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(
+        t, "search", influence_prompts // len(tasks.IN_DOMAIN), seed=seed)]
     influence = block_influence(checkpoint, search_examples)
     ks = sorted({round(L - m["tasks"]["in_domain"]["layers"]) for n, m in methods.items()
                  if n.startswith("routed")})
@@ -165,20 +194,21 @@ def run_eval(scorer, checkpoint: Path, limit_in: int, limit_out: int,
         run(f"static skip {k}", {"drllm_mode": "schedule",
                                  "drllm_schedule": static_schedule(influence, k)})
     return {"methods": methods, "block_influence": influence, "heatmap_bias0": heat,
-            "num_layers": L, "shots": {t: tasks.shots_for(t, shots) for t in tasks.SPLITS},
+            "num_layers": L, "formats": formats, "seed": seed,
             "limits": {"in_domain": limit_in, "out_of_domain": limit_out}}
 
 
 @torch.no_grad()
-def generation_baseline(llm, limit: int, max_tokens: int = 256) -> dict:
-    """Base accuracy on GSM8K and MATH-500 (free-form), to show why they are not used."""
+def generation_baseline(llm, limit: int, max_tokens: int = 256, seed: int = 0) -> dict:
+    """Base accuracy on GSM8K and MATH-500 (free-form, a seeded random subset of
+    `limit` that fit the context), to show why they are not used."""
     from vllm import SamplingParams
 
     out = {}
     for name in tasks.GENERATION:
         tok = llm.get_tokenizer()
         room = llm.llm_engine.model_config.max_model_len - max_tokens
-        items = [(c, g) for c, g in tasks.generation_examples(name, 4 * limit)
+        items = [(c, g) for c, g in tasks.generation_examples(name, 4 * limit, seed)
                  if len(tok.encode(c)) <= room][:limit]
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             stop=["\n\nQuestion:", "\n\nProblem:", "Problem:"],
@@ -193,18 +223,33 @@ def generation_baseline(llm, limit: int, max_tokens: int = 256) -> dict:
 
 
 def table(report: dict) -> str:
-    names = list(tasks.IN_DOMAIN) + ["in_domain"] + list(tasks.OUT_OF_DOMAIN) + ["out_of_domain"]
-    deltas = [f"{g} vs base" for g in ("in_domain", "out_of_domain")]
-    lines = ["| method | " + " | ".join(names + deltas) + " | layers (in-domain) |",
-             "|---" * (len(names) + 4) + "|"]
+    """Markdown: per method, accuracy per task and group, each group's paired
+    difference vs base (± se) and mean layer applications; then every task's
+    paired difference vs base."""
+    groups = (("in_domain", tasks.IN_DOMAIN), ("out_of_domain", tasks.OUT_OF_DOMAIN))
+    head = []
+    for g, names in groups:
+        head += list(names) + [g, f"{g} vs base", f"layers ({g})"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for m, r in report["methods"].items():
         t, d = r["tasks"], r.get("vs_base", {})
-        cells = [f"{t[n]['accuracy']:.1f}" if n in t else "-" for n in names]
-        cells += [f"{d[g]['delta']:+.1f} ± {d[g]['se']:.1f}" if g in d else "-"
-                  for g in ("in_domain", "out_of_domain")]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {t['in_domain']['layers']:.2f} |")
+        cells = []
+        for g, names in groups:
+            cells += [f"{t[n]['accuracy']:.1f}" if n in t else "-" for n in list(names) + [g]]
+            cells.append(f"{d[g]['delta']:+.1f} ± {d[g]['se']:.1f}" if g in d else "-")
+            cells.append(f"{t[g]['layers']:.2f}" if g in t else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    names = [n for g, ns in groups for n in ns]
+    lines += ["", "Paired difference vs base per task (accuracy points ± one standard error):",
+              "", "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m, r in report["methods"].items():
+        d = r.get("vs_base", {})
+        lines.append(f"| {m} | " + " | ".join(
+            f"{d[n]['delta']:+.1f} ± {d[n]['se']:.1f}" if n in d else "-" for n in names) + " |")
     return "\n".join(lines + ["", "`vs base`: paired difference in accuracy points on the "
-                               "same examples, ± one standard error."])
+                               "same examples, ± one standard error; layers: mean layer "
+                               "applications per example (of "
+                               f"{report.get('num_layers', '?')})."])
 
 
 def plots(report: dict, out: Path) -> list[Path]:
@@ -259,9 +304,9 @@ def provenance(checkpoint: Path) -> dict:
             "routers_sha256": (config["drllm"].get("router_card") or {}).get("routers_sha256")}
 
 
-def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
-         generation: int, out: Path, dtype: str | None = None, shots: int | None = None,
-         log=print) -> dict:
+def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | None, biases,
+         generation: int, out: Path, dtype: str | None = None, format: str | None = None,
+         seed: int = 0, log=print) -> dict:
     """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
     record the table in the shipped router card when these are its routers."""
     from .checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
@@ -270,9 +315,10 @@ def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
     dtype = dtype or default_dtype()
     llm = make_engine(checkpoint, dtype=dtype)
     report = {**provenance(checkpoint), "dtype": dtype}
-    report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, shots, log=log))
+    report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, format, seed,
+                           log=log))
     if generation:
-        report["generation_base"] = generation_baseline(llm, generation)
+        report["generation_base"] = generation_baseline(llm, generation, seed=seed)
         log("free-form generation, base model: " + ", ".join(
             f"{k} {v['accuracy']:.1f}% of {v['n']}" for k, v in report["generation_base"].items()))
     md = table(report)
@@ -290,7 +336,8 @@ def main(checkpoint: Path, model: str, limit_in: int, limit_out: int, biases,
         card_path = ROUTER_WEIGHTS_DIR / model / "card.json"
         card = json.loads(card_path.read_text())
         card["evaluation"] = {"command": report["command"], "date": report["date"],
-                              "limits": report["limits"], "table": md,
+                              "limits": report["limits"], "seed": report["seed"],
+                              "formats": report["formats"], "table": md,
                               "methods": {n: m["tasks"] for n, m in report["methods"].items()}}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         log(f"recorded the table in {card_path}")

@@ -1,9 +1,10 @@
 """Score multiple-choice examples through the vLLM engine with Dr.LLM controls.
 
 One example = one request per choice (max_tokens=1, prompt_logprobs=0), all
-routed on the prompt prefix the choices share (`drllm_route_tokens`), so the
-choices of a question run under one schedule; in a five-shot context the
-routers pool the question only (`drllm_route_start` after the shots). Many
+routed on the question's tokens (`tasks.route_span`: `drllm_route_start` after
+any shots or chat-template text, `drllm_route_tokens` no further than the
+prefix the choices share), so the choices of a question run under one
+schedule, decided by the question alone. Many
 examples, each with its own controls (routed, full, a forced schedule, a
 bias), go to the engine in one call: this is how search, evaluation and the
 benchmarks use it.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .schedule import Schedule, layer_applications
-from .tasks import Example, continuation_logprob, encode, per_char, pick, question_start
+from .tasks import Example, continuation_logprob, encode, per_char, pick, route_span
 
 ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
 # CPU feature flags (/proc/cpuinfo) that mean bf16 matmuls run natively
@@ -74,12 +75,13 @@ class Scorer:
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
         self.max_len = llm.llm_engine.model_config.max_model_len
-        self._encoded: dict[tuple[str, int], tuple[list[list[int]], int]] = {}
-        self._starts: dict[tuple[str, int], list[int]] = {}
-        self._question: dict[tuple[str, int], int] = {}
+        self._encoded: dict[tuple[str, int, str], tuple[list[list[int]], int]] = {}
+        self._starts: dict[tuple[str, int, str], list[int]] = {}
+        self._span: dict[tuple[str, int, str], tuple[int, int]] = {}
 
     def encoded(self, e: Example) -> tuple[list[list[int]], int]:
-        key = (e.task, e.doc_id)
+        """Token ids per choice and the length of the prefix they share."""
+        key = (e.task, e.doc_id, e.format)
         if key not in self._encoded:
             prompts, shared = encode(self.tokenizer, e)
             longest = max(len(p) for p in prompts)
@@ -87,7 +89,7 @@ class Scorer:
                 raise ValueError(f"{e.task} doc {e.doc_id}: {longest} tokens > "
                                  f"max_model_len {self.max_len}")
             self._encoded[key] = (prompts, shared)
-            self._question[key] = question_start(self.tokenizer, e, prompts[0])
+            self._span[key] = route_span(self.tokenizer, e, prompts[0], shared)
             self._starts[key] = [len(p) - len(self.tokenizer.encode(c, add_special_tokens=False))
                                  for p, c in zip(prompts, e.continuations)]
         return self._encoded[key]
@@ -95,7 +97,12 @@ class Scorer:
     def continuation_starts(self, e: Example) -> list[int]:
         """Per choice, the position of its continuation's first token."""
         self.encoded(e)
-        return self._starts[(e.task, e.doc_id)]
+        return self._starts[(e.task, e.doc_id, e.format)]
+
+    def route_span(self, e: Example) -> tuple[int, int]:
+        """[start, end) of the prompt tokens the routers pool (the question)."""
+        self.encoded(e)
+        return self._span[(e.task, e.doc_id, e.format)]
 
     def score(self, items: list[tuple[Example, dict]]) -> list[Scored]:
         """items: (example, drllm controls such as {"drllm_mode": "full"})."""
@@ -106,9 +113,10 @@ class Scorer:
 
         prompts, params, owner = [], [], []
         for k, (e, controls) in enumerate(items):
-            ids, shared = self.encoded(e)
-            route = {"drllm_route_tokens": shared}
-            if start := self._question[(e.task, e.doc_id)]:
+            ids, _ = self.encoded(e)
+            start, end = self.route_span(e)
+            route = {"drllm_route_tokens": end}
+            if start:
                 route["drllm_route_start"] = start
             sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                 extra_args={**controls, **route})

@@ -161,9 +161,9 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
                                  f"{tasks.shots_for(r['task'])}-shot")
             e = by_task[r["task"]][r["doc_id"]]
             ids, shared = tasks.encode(tok, e)
+            start, end = tasks.route_span(tok, e, ids[0], shared)
             pooled: list[torch.Tensor] = []
-            ref.forward(ids[0][:shared], tuple(r["best"]), pooled=pooled,
-                        route_start=tasks.question_start(tok, e, ids[0]))
+            ref.forward(ids[0][:end], tuple(r["best"]), pooled=pooled, route_start=start)
             store[_key(r)] = torch.stack(pooled).half()
             if len(store) % 100 == 0:
                 torch.save(store, cache)

@@ -25,7 +25,8 @@ def test_no_eval_question_in_search(task):
     def answered(e):
         return e.contexts[e.gold].rsplit("\n\n", 1)[-1] + e.continuations[e.gold]
 
-    search, evaluation = tasks.load(task, "search", shots=5), tasks.load(task, "eval", shots=5)
+    search = tasks.load(task, "search", format="five-shot")
+    evaluation = tasks.load(task, "eval", format="five-shot")
     for shown, hidden in ((search, evaluation), (evaluation, search)):
         blocks = {b for e in shown for b in e.contexts[0].split("\n\n")[:-1]}
         leaked = [answered(e) for e in hidden if answered(e) in blocks]
@@ -42,7 +43,7 @@ def test_split_check_catches_a_leak(monkeypatch):
 
 
 def test_task_contents_are_known():
-    e = tasks.load("arithmetic", "search", 1)[0]
+    e = tasks.load("arithmetic", "search")[0]
     assert e.contexts[0].endswith("4 * 8 =") and e.continuations[e.gold] == " 32"
     assert len(tasks.load("mmlu", "eval")) == 14042
     assert tasks.last_boxed(r"so \boxed{\frac{1}{2}} and \boxed{x^{2}}") == "x^{2}"
@@ -90,9 +91,9 @@ def test_choices_are_routed_on_the_question_alone(dr_llm, oracle):
         for e, r in zip(examples, got):
             ids, shared = scorer.encoded(e)
             assert shared < min(len(p) for p in ids)
-            start = tasks.question_start(scorer.tokenizer, e, ids[0])
-            assert (start > 0) == (e.task == "arithmetic")
-            _, expected = oracle.forward(ids[0][:shared], bias=bias, route_start=start)
+            start, end = scorer.route_span(e)
+            assert (start > 0) == (e.task == "arithmetic") and end == shared
+            _, expected = oracle.forward(ids[0][:end], bias=bias, route_start=start)
             assert r.schedule == expected, (e.task, e.doc_id, bias)
 
 

@@ -110,6 +110,7 @@ def test_quick_benchmark_counts_are_right(quick):
     routed = [t for t in quick["targets"] if t["target"] == "routed+0.00 / plain default"]
     assert [t["concurrency"] for t in routed] == [1, 4]
     assert routed[0]["accuracy"] == quick["accuracy"]["routed+0.00"]
+    assert routed[0]["accuracy_se"] == quick["accuracy_se"]["routed+0.00"] is not None
 
 
 def test_attainable_speedup_by_hand():
@@ -133,7 +134,8 @@ def test_speed_targets_by_hand():
         return {"concurrency": c, "case": case, "x_plain_default": x["all"]["ratio"],
                 "x_by_phase": x, "ideal_mean": ideal, **kw}
 
-    rows = [row(c, "plain-default", [1.0, 1.0, 1.0], accuracy=0.475) for c in (1, 8, 64)] + [
+    rows = [row(c, "plain-default", [1.0, 1.0, 1.0], accuracy=0.475, accuracy_se=0.0799)
+            for c in (1, 8, 64)] + [
         row(1, "full", [0.99, 0.96, 0.95]),  # median 0.96: missed
         # met over the whole run, though one round is low; missed in the prefill phase
         row(8, "full", [0.95, 0.99, 1.02], prefill=[0.9, 0.96, 1.0], decode=[1.0, 1.0, 1.0]),
@@ -141,7 +143,7 @@ def test_speed_targets_by_hand():
         row(8, "skip-3", [0.5, 0.5, 0.5], ideal=30 / 27),  # not a target batch
         row(64, "skip-9", [1.2, 1.3, 1.0], ideal=30 / 21),  # 0.84 of ideal
         row(64, "skip-all", [9.0]),
-        row(1, "routed+0.00", [1.1, 1.0, 0.9], accuracy=0.4),  # median 1.0: met
+        row(1, "routed+0.00", [1.1, 1.0, 0.9], accuracy=0.4, accuracy_se=0.0784),  # met
         row(64, "routed+0.00", [0.8, 0.9, 0.95], accuracy=0.4),  # missed
         row(1, "routed-0.25", [2.0], accuracy=0.3),  # no target at this bias
         row(8, "pool4-grouping-on", [1.2], relative_to="grouping-off"),
@@ -177,7 +179,7 @@ def test_speed_targets_by_hand():
             "c=8   full / plain default, prefill  need 0.97: 0.960 MISSED (rounds 0.900-1.000, 3)",
             "c=8   full / plain default, decode   need 0.97: 1.000 met (rounds 1.000-1.000, 3)",
             "c=1   routed+0.00 / plain default    need 1.00: 1.000 met (rounds 0.900-1.100, 3); "
-            "accuracy 0.400 (plain default 0.475)"):
+            "accuracy 0.400 ± 0.078 (plain default 0.475 ± 0.080)"):
         assert line in text, text
     assert "eager" not in text  # the old targets are gone
     assert bench.rounds_at(1, 2) == bench.rounds_at(8, 2) == 3 and bench.rounds_at(32, 2) == 2
