@@ -64,9 +64,10 @@ def hits(llm) -> tuple[int, int]:
     return int(m["vllm:prefix_cache_hits"]), int(m["vllm:prefix_cache_queries"])
 
 
-def generate(llm, prompts, extras, salts=None):
-    """[(tokens, schedule)] and the prefix-cache hits (tokens) the call made."""
-    before = hits(llm)[0]
+def generate(llm, prompts, extras, salts=None, lookups=False):
+    """[(tokens, schedule)] and the prefix-cache hits (tokens) the call made
+    (and, if `lookups`, the tokens of the requests that looked the cache up)."""
+    before, asked = hits(llm)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     for i, salt in enumerate(salts or []):
         if salt is not None:
@@ -75,7 +76,8 @@ def generate(llm, prompts, extras, salts=None):
                              extra_args=e) for e in extras]
     outs = llm.generate(inputs, params, use_tqdm=False)
     got = [(list(o.outputs[0].token_ids), schedule_of(o)) for o in outs]
-    return got, hits(llm)[0] - before
+    after, asked_after = hits(llm)
+    return (got, after - before, asked_after - asked) if lookups else (got, after - before)
 
 
 def forced(s):
@@ -106,7 +108,7 @@ def test_forced_schedules_sharing_a_prefix_never_share_blocks(llm, oracle, token
     assert b_under_s1 == (ref["b", S1], S1) and hit >= len(prefix) // BLOCK * BLOCK
 
 
-def test_routed_twins_route_alone_then_repeats_hit_the_cache(llm, oracle, tokenizer):
+def test_routed_request_routes_without_the_cache_then_repeats_hit_it(llm, oracle, tokenizer):
     # shorter than the step budget, so the window is the whole prompt
     p = tokenizer.encode(
         "The museum of natural history has a new hall of minerals, with crystals from "
@@ -115,17 +117,23 @@ def test_routed_twins_route_alone_then_repeats_hit_the_cache(llm, oracle, tokeni
         "open every day except Monday. Guided tours start at noon and at three. "
         "Question: What can visitors touch? Answer:")
     assert 2 * BLOCK < len(p) < BUDGET - 8
-    ref_tokens, ref_schedule = oracle.generate(p, MAX_TOKENS, stop_at_eos=False)
-    # unknown schedule: both route on their own states and read nothing
-    twins, hit = generate(llm, [p, p], [None, None])
-    assert twins == [(ref_tokens, ref_schedule)] * 2 and hit == 0
+    ref = oracle.generate(p, MAX_TOKENS, stop_at_eos=False)
+    # schedule unknown: it routes on its own states and does not even look the cache up
+    (first,), hit, looked = generate(llm, [p], [None], lookups=True)
+    assert first == ref and hit == 0 and looked == 0
     # known now: the repeat runs under it, from the cache
     (repeat,), hit = generate(llm, [p], [None])
-    assert repeat == (ref_tokens, ref_schedule) and hit >= len(p) // BLOCK * BLOCK
-    # a different bias is a different routing key: routed afresh
-    (biased,), hit = generate(llm, [p], [{"drllm_bias": -0.4}])
-    ref_biased = oracle.generate(p, MAX_TOKENS, bias=-0.4, stop_at_eos=False)
-    assert biased == (ref_biased[0], ref_biased[1]) and hit == 0
+    assert repeat == ref and hit >= len(p) // BLOCK * BLOCK
+    # a different bias is a different routing key: routed afresh, without the cache
+    (biased,), hit, looked = generate(llm, [p], [{"drllm_bias": -0.4}], lookups=True)
+    assert biased == oracle.generate(p, MAX_TOKENS, bias=-0.4, stop_at_eos=False)
+    assert hit == 0 and looked == 0
+    # twins of a fresh key: whichever routes second either routes too (it arrived
+    # while the first was routing) or runs under the first one's schedule
+    q = p[:-12] + tokenizer.encode(" Question: When do guided tours start? Answer:",
+                                   add_special_tokens=False)
+    twins, _ = generate(llm, [q, q, q], [None, None, None])
+    assert twins == [oracle.generate(q, MAX_TOKENS, stop_at_eos=False)] * 3
 
 
 def test_long_routed_prompt_chunks_around_its_window_beside_decodes(llm, oracle, tokenizer,
