@@ -8,15 +8,18 @@ whose first link includes the request's `cache_salt`; the scheduler
 
 - `full` and forced `schedule` requests: the schedule itself, known at
   admission (a forced all-execute schedule shares blocks with `full`);
-- routed requests: their routing inputs (the prompt up to the end of the
-  routing window, the window's start, the bias). The routers in one engine
-  are fixed, so those inputs determine the schedule. The first routed request
-  with a given key routes itself and may not read the cache (its routers
-  need the window's hidden states); once its schedule is known, later
-  requests with the same key run under that schedule and read its blocks.
-  Requests with that key that arrive while the first one is still routing
-  get a salt of their own (their decisions could differ from the first's in
-  the last bits of floating point, and their blocks must not be mixed).
+- a routed request whose routing inputs (the prompt up to the end of the
+  routing window, the window's start, the bias) were routed before in this
+  engine: it is pinned to that schedule and salted by it. The routers of one
+  engine are fixed, so those inputs determine the schedule;
+- any other routed request: a salt of its own, and it reads nothing from the
+  cache (its routers need the window's hidden states). Once its routers have
+  decided, the scheduler files the blocks it has cached under its
+  schedule's salt, and the rest of its blocks are hashed that way too. So
+  routed, pinned and forced requests under one schedule all share blocks,
+  and a block is never shared across schedules, even if two requests with
+  the same routing inputs decided differently in the last bits of floating
+  point.
 
 A user's own `cache_salt` is kept: ours is appended to it.
 

@@ -565,8 +565,8 @@ class DrScheduler(Scheduler):
             sc.max_num_batched_tokens, sc.long_prefill_token_threshold, sc.enable_chunked_prefill)
         # routing key -> the schedule its first request was routed to (LRU)
         self._drllm_routed: OrderedDict[str, Schedule] = OrderedDict()
-        self._drllm_routing: dict[str, str] = {}  # key -> id of the request routing it now
-        self._drllm_key_of: dict[str, str] = {}  # request id -> its routing key
+        self._drllm_key_of: dict[str, str] = {}  # routing now: request id -> routing key
+        self._drllm_user_salt: dict[str, str | None] = {}  # request id -> the user's cache_salt
         self._drllm_route_end: dict[str, int] = {}  # not yet routed: first chunk must reach this
         logger.info("Dr.LLM scheduler: grouping by schedule %s (max overtaken %d)",
                     "on" if self._drllm_grouping else "off", self._drllm_max_overtaken)
@@ -582,13 +582,16 @@ class DrScheduler(Scheduler):
         super().add_request(request)
 
     def _admit(self, request) -> None:
-        """Salt the request's prefix-cache key by what fixes its schedule
-        (caching.py); pin a routed request whose key was routed before."""
+        """Salt the request's prefix-cache key by its schedule (caching.py):
+        known at admission for full and forced requests, and for a routed
+        request whose routing key was routed before (it is pinned to that
+        schedule); otherwise private until its routers have decided."""
         from . import caching
 
         controls = parse_controls(request.sampling_params.extra_args,
                                   self._drllm_num_layers, self._drllm_block)
         rid = request.request_id
+        self._drllm_user_salt[rid] = request.cache_salt
         if controls.mode != "routed":
             schedule = (full_schedule(self._drllm_num_layers) if controls.mode == "full"
                         else controls.schedule)
@@ -600,23 +603,50 @@ class DrScheduler(Scheduler):
             if end < (controls.route_tokens or len(prompt)):  # clamped to the step's budget
                 self._set_controls(request, drllm_route_tokens=end,
                                    drllm_route_start=start)
-            ours = caching.routing_key(prompt, end, start, controls.bias)
-            known = self._drllm_routed.get(ours)
+            key = caching.routing_key(prompt, end, start, controls.bias)
+            known = self._drllm_routed.get(key)
             if known is not None:  # run it as that request ran: a forced schedule
-                self._drllm_routed.move_to_end(ours)
+                self._drllm_routed.move_to_end(key)
                 self._pin(request, known)
-            else:
+                ours = caching.schedule_salt(known)
+            else:  # its routers need the window's states: read nothing, share nothing yet
                 self._drllm_route_end[rid] = end
-                request.skip_reading_prefix_cache = True  # its routers need the states
-                if ours in self._drllm_routing:  # a twin is routing it: keep apart
-                    ours = caching.private_salt(ours, rid)
-                else:
-                    self._drllm_routing[ours] = rid
-                    self._drllm_key_of[rid] = ours
-        request.cache_salt = caching.combine_salt(request.cache_salt, ours)
-        if request.block_hashes:  # hashed at creation with the user's salt only
+                self._drllm_key_of[rid] = key
+                request.skip_reading_prefix_cache = True
+                ours = caching.private_salt(key, rid)
+        self._salt(request, ours)
+
+    def _salt(self, request, ours: str) -> None:
+        """Set the request's salt (the user's, then ours) and hash its blocks again."""
+        from .caching import combine_salt
+
+        request.cache_salt = combine_salt(self._drllm_user_salt.get(request.request_id), ours)
+        if request.block_hashes:  # hashed with another salt at creation or admission
             request.block_hashes = []
             request.update_block_hashes()
+
+    def _rekey(self, request, ours: str) -> None:
+        """File the blocks the request has cached so far under salt `ours`:
+        they were computed under the schedule that salt stands for."""
+        from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+        self._salt(request, ours)
+        if not request.block_hashes:  # prefix caching off, or no full block yet
+            return
+        pool = self.kv_cache_manager.block_pool
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if manager.block_size != pool.hash_block_size:
+                continue  # hashes at another granularity: leave those blocks private
+            cached = manager.num_cached_block.get(request.request_id, 0)
+            for i, block in enumerate(manager.req_to_blocks[request.request_id][:cached]):
+                if block.is_null or i >= len(request.block_hashes):
+                    continue
+                pool._emit_block_removed_events(pool._remove_cached_block_hashes(block))
+                pool._insert_block_hash(
+                    make_block_hash_with_group_id(request.block_hashes[i],
+                                                  manager.kv_cache_group_id),
+                    block, num_tokens=(i + 1) * manager.block_size,
+                )
 
     @staticmethod
     def _set_controls(request, **controls) -> None:
@@ -688,24 +718,26 @@ class DrScheduler(Scheduler):
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def _routed(self, request, schedule: Schedule) -> None:
-        """A routed request got its schedule: remember it for its key, and pin it."""
+        """A routed request got its schedule: remember it for the request's
+        routing key, pin the request to it, and file its blocks under it."""
+        from .caching import schedule_salt
+
         key = self._drllm_key_of.pop(request.request_id, None)
-        if key is not None:
-            self._drllm_routing.pop(key, None)
+        if key is not None and key not in self._drllm_routed:  # the first decision stands
             self._drllm_routed[key] = schedule
             while len(self._drllm_routed) > ROUTED_KEYS_KEPT:
                 self._drllm_routed.popitem(last=False)
         self._pin(request, schedule)
-        # its own blocks were computed under `schedule`: a resumed request may read them
+        self._rekey(request, schedule_salt(schedule))
+        # from now on it may read blocks computed under its schedule (after a preemption)
         request.skip_reading_prefix_cache = request.get_skip_reading_prefix_cache()
 
     def _free_request(self, request, *args, **kwargs):
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
         self._drllm_waiting.pop(request.request_id, None)
         self._drllm_route_end.pop(request.request_id, None)
-        key = self._drllm_key_of.pop(request.request_id, None)
-        if key is not None:  # ended before its schedule was known
-            self._drllm_routing.pop(key, None)
+        self._drllm_key_of.pop(request.request_id, None)
+        self._drllm_user_salt.pop(request.request_id, None)
         schedule = self._drllm_schedules.pop(request.request_id, None)
         if schedule is not None:
             kv_params = {**(kv_params or {}), OUTPUT_KEY: report(schedule)}

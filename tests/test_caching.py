@@ -128,12 +128,31 @@ def test_routed_request_routes_without_the_cache_then_repeats_hit_it(llm, oracle
     (biased,), hit, looked = generate(llm, [p], [{"drllm_bias": -0.4}], lookups=True)
     assert biased == oracle.generate(p, MAX_TOKENS, bias=-0.4, stop_at_eos=False)
     assert hit == 0 and looked == 0
-    # twins of a fresh key: whichever routes second either routes too (it arrived
-    # while the first was routing) or runs under the first one's schedule
+    # twins of a fresh key: each routes (if it arrived while another was
+    # routing) or runs under the first one's schedule
     q = p[:-12] + tokenizer.encode(" Question: When do guided tours start? Answer:",
                                    add_special_tokens=False)
     twins, _ = generate(llm, [q, q, q], [None, None, None])
     assert twins == [oracle.generate(q, MAX_TOKENS, stop_at_eos=False)] * 3
+
+
+def test_pinned_second_turn_reads_the_routed_first_turn(llm, oracle, tokenizer, prefix):
+    # turn 1 routed (on its first 64 tokens); turn 2 = turn 1 + answer + a new
+    # question, pinned to turn 1's schedule: it reads turn 1's blocks, which
+    # the scheduler filed under that schedule once the routers had decided
+    turn1 = prefix + tokenizer.encode("Question: Is there a fine for children's books?",
+                                      add_special_tokens=False)
+    ((answer, schedule),), hit, looked = generate(
+        llm, [turn1], [{"drllm_route_tokens": 64}], lookups=True)
+    assert (answer, schedule) == oracle.generate(turn1, MAX_TOKENS, route_tokens=64,
+                                                 stop_at_eos=False)
+    assert hit == 0 and looked == 0
+    turn2 = turn1 + answer + tokenizer.encode(" Question: And for adults?",
+                                              add_special_tokens=False)
+    ((again, same),), hit = generate(llm, [turn2], [forced(schedule)])
+    assert (again, same) == oracle.generate(turn2, MAX_TOKENS, schedule=schedule,
+                                            stop_at_eos=False)
+    assert hit >= len(turn1) // BLOCK * BLOCK
 
 
 def test_long_routed_prompt_chunks_around_its_window_beside_decodes(llm, oracle, tokenizer,

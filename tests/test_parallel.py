@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from drllm_vllm.config import DrConfig
 from drllm_vllm.hooks import BIND_ENV, DrllmConfigError, bind_cpu_ranks
 from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
-from .conftest import MAX_MODEL_LEN, make_llm, shutdown
+from .conftest import MAX_MODEL_LEN, make_llm, random_qwen2_checkpoint, shutdown
 from .test_engine import MAX_TOKENS, forced, params, run
 
 LAYERS = 4
@@ -60,27 +58,9 @@ two_cpus = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tp_checkpoint(tmp_path_factory, checkpoint):
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from drllm_vllm.checkpoint import init_routers, write_dr_checkpoint
-
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=512,
-        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=0.2,  # large weights: well separated logits, no argmax ties
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    base = tmp_path_factory.mktemp("qwen2-tp-base")
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(base)
-    tok.save_pretrained(base)
-    out = tmp_path_factory.mktemp("qwen2-tp") / "dr"
-    return write_dr_checkpoint(
-        base, out, init_routers(LAYERS, 256, 128, seed=1),
-        DrConfig(repeat_layers=REPEAT_LAYERS),
-    )
+    return random_qwen2_checkpoint(tmp_path_factory, checkpoint, "qwen2-tp", layers=LAYERS,
+                                   hidden=256, heads=4, kv_heads=2,
+                                   repeat_layers=REPEAT_LAYERS)
 
 
 @pytest.fixture(scope="module")

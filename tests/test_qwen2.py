@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from drllm_vllm.config import DrConfig
 from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
-from .conftest import make_llm, shutdown
+from .conftest import make_llm, random_qwen2_checkpoint, shutdown
 from .test_engine import forced, params, run
 
 LAYERS = 4
@@ -23,27 +21,9 @@ SCHEDULES = [
 
 @pytest.fixture(scope="module")
 def qwen2_checkpoint(tmp_path_factory, checkpoint):
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from drllm_vllm.checkpoint import init_routers, write_dr_checkpoint
-
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=0.2,  # large weights: well separated logits, no argmax ties
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    base = tmp_path_factory.mktemp("qwen2-base")
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(base)
-    tok.save_pretrained(base)
-    out = tmp_path_factory.mktemp("qwen2") / "dr"
-    return write_dr_checkpoint(
-        base, out, init_routers(LAYERS, 128, 128, seed=1),
-        DrConfig(repeat_layers=tuple(range(LAYERS))),
-    )
+    return random_qwen2_checkpoint(tmp_path_factory, checkpoint, "qwen2", layers=LAYERS,
+                                   hidden=128, heads=2, kv_heads=1,
+                                   repeat_layers=tuple(range(LAYERS)))
 
 
 def test_qwen2_schedules_and_routing_match_oracle(qwen2_checkpoint, tokenizer):
