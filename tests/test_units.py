@@ -203,3 +203,38 @@ def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     assert default_dtype(sapphire) == "bfloat16"
     assert default_dtype(graviton) == "bfloat16"
     assert default_dtype("") == "float32"
+
+
+def test_prepare_rebuilds_a_cached_checkpoint_whose_drllm_block_is_stale(tmp_path, monkeypatch):
+    import json
+
+    from drllm_vllm import checkpoint as ck
+
+    model = "smollm2-135m-instruct"
+    monkeypatch.setenv("DRLLM_CACHE", str(tmp_path))
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "hidden_size": 576}))
+    written = []
+    monkeypatch.setattr(ck, "fetch_gguf", lambda src, root: None)
+    monkeypatch.setattr(ck, "dequantize", lambda gguf, out, sha: base)
+    monkeypatch.setattr(ck, "write_dr_checkpoint", lambda b, o, r, drllm: written.append(drllm))
+    out = tmp_path / "checkpoints" / f"{model}-drllm"
+    out.mkdir(parents=True)
+
+    def cache(block):
+        (out / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "drllm": block}))
+
+    fresh = ck.drllm_block(model, ck.shipped_routers(model), "derived", 30).model_dump(mode="json")
+    cache(fresh)
+    assert ck.prepare(model) == out and written == []  # up to date: reused
+    # as written before skip_layers existed: every layer may repeat
+    cache({k: v for k, v in fresh.items() if k != "skip_layers"} | {"repeat_layers": list(range(30))})
+    assert ck.prepare(model) == out
+    assert written[-1].repeat_layers == () and written[-1].skip_layers == (*range(20), 21, 24, 25, 26)
+    assert written[-1].router_card["allow"]["min_labels"] == 10
+    every = ck.prepare(model, allow="all")
+    assert every.name == f"{model}-drllm-all-layers"
+    assert written[-1].skip_layers is None and written[-1].repeat_layers == tuple(range(30))
+    with pytest.raises(ValueError, match=r"allow = 'some' is not accepted; use one of \('derived', 'all'\)"):
+        ck.prepare(model, allow="some")
