@@ -238,3 +238,13 @@ def test_prepare_rebuilds_a_cached_checkpoint_whose_drllm_block_is_stale(tmp_pat
     assert written[-1].skip_layers is None and written[-1].repeat_layers == tuple(range(30))
     with pytest.raises(ValueError, match=r"allow = 'some' is not accepted; use one of \('derived', 'all'\)"):
         ck.prepare(model, allow="some")
+
+
+def test_routing_stats_take_models_of_several_depths_in_one_process():
+    from drllm_vllm.serving import RoutingStats
+
+    stats = RoutingStats()
+    stats.record("a", {"schedule": [1, 0], "layer_applications": 1})  # a 2-layer model first
+    stats.record("b", {"schedule": [2, 1, 0], "layer_applications": 3})
+    assert [row["skip"] for row in stats.summary()["layers"]] == [0, 1, 1]
+    assert [row["repeat"] for row in stats.summary()["layers"]] == [1, 0, 0]
