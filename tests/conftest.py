@@ -47,6 +47,17 @@ def shutdown(llm) -> None:
 
 @pytest.fixture(scope="session")
 def checkpoint():
+    """The default model and routers with every layer allowed to skip and
+    repeat (`drllm prepare --allow all`): engine tests force repeats at any
+    layer. tests/test_allow.py runs the default checkpoint (`default_checkpoint`),
+    whose skip and repeat layers are derived from the search labels."""
+    from drllm_vllm.checkpoint import prepare
+
+    return prepare(allow="all")
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint():
     from drllm_vllm.checkpoint import prepare
 
     return prepare()

@@ -9,7 +9,9 @@ import torch
 
 from drllm_vllm.config import DrConfig, parse_controls
 from drllm_vllm.router import decide, num_windows_for, window_means
-from drllm_vllm.schedule import check_schedule, path_to_schedule, schedule_to_path
+from drllm_vllm.schedule import (
+    allowed_layers, check_schedule, path_to_schedule, schedule_to_path,
+)
 
 
 def test_window_split_drops_the_leftover_and_clamps_w():
@@ -21,17 +23,110 @@ def test_window_split_drops_the_leftover_and_clamps_w():
 
 def test_decide_bias_knob_known_answers():
     logits = torch.tensor([[0.0, 1.0, 0.5]])  # softmax ~ [0.19, 0.51, 0.31]
-    assert decide(logits, 0.0, True).item() == 1
-    assert decide(logits, -1.0, True).item() == 0
-    assert decide(logits, 1.0, True).item() == 2
+    assert decide(logits, 0.0).item() == 1
+    assert decide(logits, -1.0).item() == 0
+    assert decide(logits, 1.0).item() == 2
     # p = -0.4: q_skip = 0.6*0.186 + 0.4 = 0.51 > q_exec = 0.6*0.506 = 0.30
-    assert decide(logits, -0.4, True).item() == 0
+    assert decide(logits, -0.4).item() == 0
     # p = -0.2: q_skip = 0.8*0.186 + 0.2 = 0.35 < q_exec = 0.8*0.506 = 0.40
-    assert decide(logits, -0.2, True).item() == 1
-    # repeat not allowed: a positive bias leaves the router's choice
-    assert decide(torch.tensor([[0.0, 0.1, 5.0]]), 1.0, False).item() == 1
+    assert decide(logits, -0.2).item() == 1
     # per-row biases
-    assert decide(logits.repeat(2, 1), torch.tensor([0.0, -1.0]), True).tolist() == [1, 0]
+    assert decide(logits.repeat(2, 1), torch.tensor([0.0, -1.0])).tolist() == [1, 0]
+
+
+def test_decide_never_takes_a_disallowed_class_whatever_the_bias():
+    wants_skip, wants_repeat = torch.tensor([[5.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 5.0]])
+    for p in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        assert decide(wants_skip, p, may_skip=False).item() in (1, 2), p
+        assert decide(wants_repeat, p, may_repeat=False).item() in (0, 1), p
+        assert decide(wants_skip, p, may_skip=False, may_repeat=False).item() == 1, p
+    # bias 0 (the fast path) masks too: the best allowed class
+    assert decide(wants_skip, 0.0, may_skip=False).item() == 2
+    assert decide(wants_repeat, 0.0, may_repeat=False).item() == 0
+    assert decide(wants_repeat.repeat(2, 1), torch.tensor([0.0, 0.0]), may_repeat=False).tolist() == [0, 0]
+
+
+def test_decide_positive_bias_moves_to_execute_where_repeat_is_not_allowed():
+    # softmax over skip/execute of [1, 0]: [0.73, 0.27]; target execute
+    logits = torch.tensor([[1.0, 0.0, 9.0]])
+    # p = 0.4: q_exec = 0.6*0.27 + 0.4 = 0.56 > q_skip = 0.6*0.73 = 0.44
+    assert decide(logits, 0.4, may_repeat=False).item() == 1
+    # p = 0.2: q_exec = 0.8*0.27 + 0.2 = 0.42 < q_skip = 0.8*0.73 = 0.58
+    assert decide(logits, 0.2, may_repeat=False).item() == 0
+    assert decide(logits, 1.0, may_repeat=False).item() == 1
+
+
+def test_decide_negative_bias_leaves_the_router_where_skip_is_not_allowed():
+    logits = torch.tensor([[9.0, 0.0, 1.0], [9.0, 1.0, 0.0]])
+    for p in (-1.0, -0.5, -0.1):
+        assert decide(logits, p, may_skip=False).tolist() == [2, 1], p
+
+
+def test_decide_is_monotone_in_the_bias_on_random_logits():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 3, generator=gen) * 2
+    biases = torch.linspace(-1, 1, 41)
+    for may_skip in (True, False):
+        for may_repeat in (True, False):
+            layers = torch.stack([decide(logits, float(p), may_skip, may_repeat) for p in biases])
+            assert (layers[1:] >= layers[:-1]).all(), (may_skip, may_repeat)
+            assert layers[-1].tolist() == [2 if may_repeat else 1] * 500
+            if may_skip:
+                assert layers[0].tolist() == [0] * 500
+
+
+def test_allowed_layers_known_answers():
+    labels = [(1, 0, 1, 1), (1, 0, 0, 1), (1, 0, 2, 1), (0, 1, 2, 2)]
+    got = allowed_layers(labels, 4, min_labels=2)
+    assert got["skip_counts"] == [1, 3, 1, 0] and got["repeat_counts"] == [0, 0, 2, 1]
+    assert got["skip_layers"] == [1] and got["repeat_layers"] == [2]
+    assert got["labelled"] == 4 and got["min_labels"] == 2
+    one = allowed_layers(labels, 4, min_labels=1)  # every action the search ever took
+    assert one["skip_layers"] == [0, 1, 2] and one["repeat_layers"] == [2, 3]
+    assert allowed_layers([], 3)["skip_layers"] == []  # no labels: nothing may skip
+    with pytest.raises(ValueError, match=r"label 1 has 3 actions, expected one per layer \(4\)"):
+        allowed_layers([(1, 1, 1, 1), (1, 1, 1)], 4)
+    with pytest.raises(ValueError, match=r"label 0\[2\] = 3"):
+        allowed_layers([(1, 1, 3, 1)], 4)
+    with pytest.raises(ValueError, match="min_labels = 0"):
+        allowed_layers(labels, 4, min_labels=0)
+
+
+def test_allowed_layers_on_the_shipped_labels():
+    import json
+
+    from drllm_vllm.checkpoint import ROUTER_WEIGHTS_DIR
+
+    path = ROUTER_WEIGHTS_DIR / "smollm2-135m-instruct" / "search.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    got = allowed_layers([r["best"] for r in records if r["best"] is not None], 30)
+    assert got["labelled"] == 645
+    assert got["skip_layers"] == [*range(20), 21, 24, 25, 26]
+    assert got["repeat_layers"] == []  # one repeat label in all (layer 13)
+
+
+def test_skip_layers_default_and_validation():
+    assert DrConfig().may_skip(7)  # no skip_layers: a checkpoint from before them
+    cfg = DrConfig(skip_layers=(3, 1, 3), repeat_layers=(2,))
+    assert cfg.skip_layers == (1, 3)
+    assert [cfg.may_skip(i) for i in range(4)] == [False, True, False, True]
+    assert [cfg.may_repeat(i) for i in range(4)] == [False, False, True, False]
+    from types import SimpleNamespace
+
+    from drllm_vllm.config import parse_drllm_block
+
+    with pytest.raises(ValueError, match=r"skip_layers \[4\] out of range for 4 layers"):
+        parse_drllm_block(SimpleNamespace(num_hidden_layers=4, drllm={"skip_layers": [1, 4]}))
+    with pytest.raises(ValueError, match=r"skip_layers.*>= 0"):
+        parse_drllm_block(SimpleNamespace(num_hidden_layers=4, drllm={"skip_layers": [-1]}))
+
+
+def test_forced_skip_outside_skip_layers_is_accepted_repeat_is_not():
+    cfg = DrConfig(skip_layers=(1,), repeat_layers=(2,))
+    c = parse_controls({"drllm_mode": "schedule", "drllm_schedule": [0, 1, 2, 0]}, 4, cfg)
+    assert c.schedule == (0, 1, 2, 0)
+    with pytest.raises(ValueError, match=r"layer 3 may not repeat.*\[2\]"):
+        parse_controls({"drllm_mode": "schedule", "drllm_schedule": [1, 1, 1, 2]}, 4, cfg)
 
 
 def test_schedule_path_round_trip():
@@ -108,3 +203,48 @@ def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     assert default_dtype(sapphire) == "bfloat16"
     assert default_dtype(graviton) == "bfloat16"
     assert default_dtype("") == "float32"
+
+
+def test_prepare_rebuilds_a_cached_checkpoint_whose_drllm_block_is_stale(tmp_path, monkeypatch):
+    import json
+
+    from drllm_vllm import checkpoint as ck
+
+    model = "smollm2-135m-instruct"
+    monkeypatch.setenv("DRLLM_CACHE", str(tmp_path))
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "hidden_size": 576}))
+    written = []
+    monkeypatch.setattr(ck, "fetch_gguf", lambda src, root: None)
+    monkeypatch.setattr(ck, "dequantize", lambda gguf, out, sha: base)
+    monkeypatch.setattr(ck, "write_dr_checkpoint", lambda b, o, r, drllm: written.append(drllm))
+    out = tmp_path / "checkpoints" / f"{model}-drllm"
+    out.mkdir(parents=True)
+
+    def cache(block):
+        (out / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "drllm": block}))
+
+    fresh = ck.drllm_block(model, ck.shipped_routers(model), "derived", 30).model_dump(mode="json")
+    cache(fresh)
+    assert ck.prepare(model) == out and written == []  # up to date: reused
+    # as written before skip_layers existed: every layer may repeat
+    cache({k: v for k, v in fresh.items() if k != "skip_layers"} | {"repeat_layers": list(range(30))})
+    assert ck.prepare(model) == out
+    assert written[-1].repeat_layers == () and written[-1].skip_layers == (*range(20), 21, 24, 25, 26)
+    assert written[-1].router_card["allow"]["min_labels"] == 10
+    every = ck.prepare(model, allow="all")
+    assert every.name == f"{model}-drllm-all-layers"
+    assert written[-1].skip_layers is None and written[-1].repeat_layers == tuple(range(30))
+    with pytest.raises(ValueError, match=r"allow = 'some' is not accepted; use one of \('derived', 'all'\)"):
+        ck.prepare(model, allow="some")
+
+
+def test_routing_stats_take_models_of_several_depths_in_one_process():
+    from drllm_vllm.serving import RoutingStats
+
+    stats = RoutingStats()
+    stats.record("a", {"schedule": [1, 0], "layer_applications": 1})  # a 2-layer model first
+    stats.record("b", {"schedule": [2, 1, 0], "layer_applications": 3})
+    assert [row["skip"] for row in stats.summary()["layers"]] == [0, 1, 1]
+    assert [row["repeat"] for row in stats.summary()["layers"]] == [1, 0, 0]
