@@ -134,11 +134,13 @@ def _wrap_create_engine_config(orig):
         if binding:
             settings.append(f"one core set per CPU worker, VLLM_CPU_OMP_THREADS_BIND={binding}")
         logger.info(
-            "Dr.LLM checkpoint %s: %d routers (%s), windows=%d, repeat layers %s; "
-            "in force: %s",
+            "Dr.LLM checkpoint %s: %d routers (%s), windows=%d, skip layers %s, "
+            "repeat layers %s; in force: %s",
             self.model, config["num_hidden_layers"],
             "trained" if drllm.trained else "UNTRAINED (deterministic init)",
-            drllm.num_windows, list(drllm.repeat_layers) or "none", ", ".join(settings),
+            drllm.num_windows,
+            "all" if drllm.skip_layers is None else (list(drllm.skip_layers) or "none"),
+            list(drllm.repeat_layers) or "none", ", ".join(settings),
         )
         return vllm_config
 
