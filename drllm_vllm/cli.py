@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="prepare the default model and serve it "
-                       "(OpenAI API); other options go to `vllm serve`")
+                       "(OpenAI API); other options go to `vllm serve`",
+                       description="Prepare the default model (or take --checkpoint) and "
+                       "run `vllm serve` on it. Every option not listed here goes to "
+                       "`vllm serve` as given, e.g. --port 8001 --gpu-memory-utilization 0.3.")
     s.add_argument("--model", default="smollm2-135m-instruct")
     s.add_argument("--checkpoint", default=None, help="a Dr.LLM checkpoint directory")
     s.set_defaults(func=cmd_serve)
