@@ -108,10 +108,11 @@ def cmd_search(args) -> None:
     if args.compare_speed:
         speed_comparison(scorer, checkpoint, args.compare_speed, Path(args.speed_out))
         return
-    out = Path(args.out or _model_dir(args.model) / "search.jsonl")
+    name = "search.jsonl" if args.format is None else f"search_{args.format}.jsonl"
+    out = Path(args.out or _model_dir(args.model) / name)
     run_search(scorer, out, args.tasks.split(","), args.limit,
                MCTSConfig(simulations=args.simulations), pool=args.pool, seed=args.seed,
-               tolerance=args.tolerance)
+               tolerance=args.tolerance, format=args.format)
 
 
 def cmd_train(args) -> None:
@@ -206,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--tolerance", type=float, default=0.05,
                    help="max drop of the gold's log-prob per character for a reward")
     m.add_argument("--dtype", default=None, help=DTYPE_HELP)
-    m.add_argument("--out", default=None, help="JSONL (default router_weights/<model>/search.jsonl)")
+    m.add_argument("--format", default=None, choices=FORMATS,
+                   help="prompt format (default: each task's own, as the shipped routers)")
+    m.add_argument("--out", default=None, help="JSONL (default router_weights/<model>/"
+                   "search.jsonl, or search_<format>.jsonl with --format)")
     m.add_argument("--compare-speed", type=int, default=0, metavar="N",
                    help="instead: paths/s, engine batches vs reference one at a time, N examples")
     m.add_argument("--speed-out", default="benchmarks/results/search_speed.json")

@@ -28,11 +28,13 @@ from .mcts import MCTSConfig, Search
 SEARCH_TASKS = tasks.IN_DOMAIN
 
 
-def search_order(task_names, limit: int | None, seed: int = 0) -> list[tasks.Example]:
-    """Search examples of the tasks, each shuffled with `seed`, interleaved."""
+def search_order(task_names, limit: int | None, seed: int = 0,
+                 format: str | None = None) -> list[tasks.Example]:
+    """Search examples of the tasks in `format` (None: each task's default),
+    each task shuffled with `seed`, interleaved."""
     per_task = []
     for t in task_names:
-        ex = tasks.load(t, "search")
+        ex = tasks.load(t, "search", format=format)
         random.Random(f"{seed}:{t}").shuffle(ex)
         per_task.append(ex)
     order = [e for group in zip_longest_all(per_task) for e in group]
@@ -56,17 +58,23 @@ def reward(path_result, default_result, tolerance: float = DEFAULT_TOLERANCE) ->
 
 def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = None,
                config: MCTSConfig = MCTSConfig(), pool: int = 32, seed: int = 0,
-               tolerance: float = DEFAULT_TOLERANCE, log=print) -> list[dict]:
+               tolerance: float = DEFAULT_TOLERANCE, log=print,
+               format: str | None = None) -> list[dict]:
+    """Search `limit` examples (None: all) of `task_names` in prompt `format`
+    (None: each task's default), appending one record per example to `out`
+    and skipping those already there (resumable). One file holds one format."""
     from tqdm import tqdm
 
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
     done = {(r["task"], r["doc_id"]) for r in read_records(out)}
-    stale = [r for r in read_records(out) if r.get("shots", 0) != tasks.shots_for(r["task"])]
+    stale = [r for r in read_records(out) if record_format(r) != tasks.format_for(r["task"], format)]
     if stale:
-        raise ValueError(f"{out} has {len(stale)} records searched with another prompt "
-                         f"format (e.g. {stale[0]['task']} doc {stale[0]['doc_id']}); "
-                         f"remove them or use another --out")
-    queue = [e for e in search_order(task_names, limit, seed) if (e.task, e.doc_id) not in done]
+        raise ValueError(f"{out} has {len(stale)} records searched in another prompt "
+                         f"format ({record_format(stale[0])!r}, e.g. {stale[0]['task']} doc "
+                         f"{stale[0]['doc_id']}; this search: "
+                         f"{tasks.format_for(stale[0]['task'], format)!r}); use another --out")
+    queue = [e for e in search_order(task_names, limit, seed, format)
+             if (e.task, e.doc_id) not in done]
     log(f"search: {len(done)} examples already in {out}, {len(queue)} to go "
         f"(pool {pool}, {config.simulations} simulations each)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +103,7 @@ def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = N
             still = []
             for e, s, stats in active:
                 if s.pending() is None:
-                    f.write(json.dumps(record(e, s, stats)) + "\n")
+                    f.write(json.dumps(record(e, s, stats, format)) + "\n")
                     f.flush()
                     bar.update(1)
                 else:
@@ -108,11 +116,19 @@ def run_search(scorer, out: Path, task_names=SEARCH_TASKS, limit: int | None = N
     return records
 
 
-def record(e: tasks.Example, s: Search, stats: dict) -> dict:
-    return {"task": e.task, "doc_id": e.doc_id, "shots": tasks.shots_for(e.task),
+def record(e: tasks.Example, s: Search, stats: dict, format: str | None = None) -> dict:
+    fmt = tasks.format_for(e.task, format)
+    return {"task": e.task, "doc_id": e.doc_id, "format": fmt,
+            "shots": 5 if fmt == "five-shot" else 0,
             "default_correct": stats["default"].correct,
             "best": list(s.best) if s.best else None, "simulations": s.simulations,
             "paths": s.paths_evaluated, "forward_passes": stats["forward_passes"]}
+
+
+def record_format(r: dict) -> str:
+    """A search record's prompt format (records written before formats existed
+    were searched in their task's default format)."""
+    return r.get("format") or tasks.format_for(r["task"])
 
 
 def read_records(path: Path) -> list[dict]:

@@ -248,3 +248,12 @@ def test_routing_stats_take_models_of_several_depths_in_one_process():
     stats.record("b", {"schedule": [2, 1, 0], "layer_applications": 3})
     assert [row["skip"] for row in stats.summary()["layers"]] == [0, 1, 1]
     assert [row["repeat"] for row in stats.summary()["layers"]] == [1, 0, 0]
+
+
+def test_search_records_name_their_prompt_format():
+    from drllm_vllm.search import record_format
+
+    # records written before formats existed were searched in the task's default
+    assert record_format({"task": "arc_easy", "doc_id": 1, "shots": 0}) == "zero-shot"
+    assert record_format({"task": "arithmetic", "doc_id": 1, "shots": 5}) == "five-shot"
+    assert record_format({"task": "arc_easy", "doc_id": 1, "format": "chat"}) == "chat"
