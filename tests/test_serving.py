@@ -49,7 +49,9 @@ def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_PLUGINS", None)  # drllm serve turns on its endpoint plugin itself
-    cmd = [str(BIN / "drllm"), "serve", "--host", "127.0.0.1", "--port", str(port),
+    # the checkpoint the other engine tests use (every layer may skip and repeat)
+    cmd = [str(BIN / "drllm"), "serve", "--checkpoint", str(checkpoint),
+           "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     with open(log, "w") as out:
         # its own process group: teardown stops the engine core and worker too
