@@ -599,13 +599,16 @@ class DrScheduler(Scheduler):
                         else controls.schedule)
             ours = caching.schedule_salt(schedule)
         else:
-            prompt = request.prompt_token_ids
-            end = caching.route_end(len(prompt), controls.route_tokens, self._drllm_budget)
+            prompt = request.prompt_token_ids or []
+            end = caching.route_end(request.num_prompt_tokens, controls.route_tokens,
+                                    self._drllm_budget)
             start = min(controls.route_start, end - 1)
-            if end < (controls.route_tokens or len(prompt)):  # clamped to the step's budget
+            if end < (controls.route_tokens or request.num_prompt_tokens):  # clamped to the budget
                 self._set_controls(request, drllm_route_tokens=end,
                                    drllm_route_start=start)
-            key = caching.routing_key(prompt, end, start, controls.bias)
+            # prompt embeddings carry no token ids to key by: route afresh, always
+            key = (caching.routing_key(prompt, end, start, controls.bias)
+                   if request.prompt_embeds is None else f"embeds:{rid}")
             known = self._drllm_routed.get(key)
             if known is not None:  # run it as that request ran: a forced schedule
                 self._drllm_routed.move_to_end(key)
