@@ -113,6 +113,7 @@ def _wrap_create_engine_config(orig):
         config = dr_checkpoint_config(self.model, self.hf_overrides)
         if config is None:
             return orig(self, *a, **kw)
+        _wrap_openai_requests()  # `vllm serve` has imported its request classes by now
         from .checkpoint import validate_checkpoint
 
         try:
@@ -210,25 +211,67 @@ def _id_list(ids: list[int]) -> str:
 
 
 # -- request validation ----------------------------------------------------
+_SERVED: dict[str, Any] = {}  # this process's model config, recorded by InputProcessor
+
+
+def _check_controls(hf_config, params) -> None:
+    """Bad drllm_* controls of a Dr.LLM model's request: VLLMValidationError (HTTP 400)."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs and archs[0] in ARCHITECTURES and hasattr(params, "extra_args"):
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            parse_controls(params.extra_args, hf_config.num_hidden_layers, _drllm_of(hf_config))
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+
+
 def _wrap_validate_params(orig):
     @functools.wraps(orig)
     def _validate_params(self, params, supported_tasks):
         result = orig(self, params, supported_tasks)
-        hf_config = self.model_config.hf_config
-        archs = getattr(hf_config, "architectures", None) or []
-        if archs and archs[0] in ARCHITECTURES and hasattr(params, "extra_args"):
-            from vllm.exceptions import VLLMValidationError
-
-            try:
-                parse_controls(
-                    params.extra_args, hf_config.num_hidden_layers, _drllm_of(hf_config)
-                )
-            except ValueError as e:
-                raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+        _check_controls(self.model_config.hf_config, params)
         return result
 
     _validate_params._drllm = True
     return _validate_params
+
+
+def _wrap_input_processor_init(orig):
+    @functools.wraps(orig)
+    def __init__(self, *a, **kw):
+        orig(self, *a, **kw)
+        _SERVED["hf_config"] = self.model_config.hf_config
+
+    __init__._drllm = True
+    return __init__
+
+
+def _wrap_to_sampling_params(orig):
+    """The OpenAI server checks the controls as it builds the sampling
+    parameters, before a streamed response starts: a bad value is a real
+    HTTP 400 there too, not an error event inside a 200 stream."""
+
+    @functools.wraps(orig)
+    def to_sampling_params(self, *a, **kw):
+        params = orig(self, *a, **kw)
+        if "hf_config" in _SERVED:
+            _check_controls(_SERVED["hf_config"], params)
+        return params
+
+    to_sampling_params._drllm = True
+    return to_sampling_params
+
+
+def _wrap_openai_requests() -> None:
+    """Wrap the OpenAI request classes' to_sampling_params where the server has
+    imported them (the API server process; idempotent)."""
+    for module, cls in (("vllm.entrypoints.openai.chat_completion.protocol",
+                         "ChatCompletionRequest"),
+                        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest")):
+        request_cls = getattr(sys.modules.get(module), cls, None)
+        if request_cls is not None and not getattr(request_cls.to_sampling_params, "_drllm", False):
+            request_cls.to_sampling_params = _wrap_to_sampling_params(request_cls.to_sampling_params)
 
 
 @functools.lru_cache(maxsize=8)
@@ -254,6 +297,9 @@ def install() -> None:
         InputProcessor._validate_params = _wrap_validate_params(
             InputProcessor._validate_params
         )
+    if not getattr(InputProcessor.__init__, "_drllm", False):
+        InputProcessor.__init__ = _wrap_input_processor_init(InputProcessor.__init__)
+    _wrap_openai_requests()
     if not getattr(OutputProcessor.process_outputs, "_drllm", False):
         OutputProcessor.process_outputs = _wrap_process_outputs(
             OutputProcessor.process_outputs

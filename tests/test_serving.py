@@ -290,6 +290,18 @@ def test_bad_input_is_a_400_naming_the_value_and_the_server_stays_up(server, cli
     assert status == 200 and len(ok["kv_transfer_params"]["drllm"]["schedule"]) == L
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_streamed_bad_input_is_a_400_before_the_stream(server, client, endpoint):
+    model = client.model_name
+    path = f"{server[0]}/v1/" + ("chat/completions" if endpoint == "chat" else "completions")
+    body = ({"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+            if endpoint == "chat" else {"model": model, "prompt": "Hi"})
+    status, answer = post(path, {**body, "max_tokens": 2, "stream": True,
+                                 "vllm_xargs": {"drllm_bias": 1.5}})
+    assert status == 400, answer
+    assert re.search(r"drllm_bias = 1.5 .*\[-1, 1\]", answer["error"]["message"])
+
+
 def test_bad_checkpoints_fail_startup_with_one_clear_line(checkpoint, tmp_path):
     from .test_validation import BAD_CHECKPOINTS, _copy
 
