@@ -654,17 +654,18 @@ class DrScheduler(Scheduler):
                                    drllm_route_start=start)
             # prompt embeddings carry no token ids to key by: route afresh, always
             key = (caching.routing_key(prompt, end, start, controls.bias)
-                   if request.prompt_embeds is None else f"embeds:{rid}")
-            known = self._drllm_routed.get(key)
+                   if request.prompt_embeds is None else None)
+            known = self._drllm_routed.get(key) if key else None
             if known is not None:  # run it as that request ran: a forced schedule
                 self._drllm_routed.move_to_end(key)
                 self._pin(request, known)
                 ours = caching.schedule_salt(known)
             else:  # its routers need the window's states: read nothing, share nothing yet
                 self._drllm_route_end[rid] = end
-                self._drllm_key_of[rid] = key
+                if key:
+                    self._drllm_key_of[rid] = key
                 request.skip_reading_prefix_cache = True
-                ours = caching.private_salt(key, rid)
+                ours = caching.private_salt(key or caching.SALT_PREFIX, rid)
         self._salt(request, ours)
 
     def _salt(self, request, ours: str) -> None:
@@ -700,20 +701,21 @@ class DrScheduler(Scheduler):
                 )
 
     @staticmethod
-    def _set_controls(request, **controls) -> None:
-        """Replace some drllm_* controls of one request (its own copy of the
-        sampling parameters: the caller's object may be shared)."""
+    def _set_controls(request, drop_others: bool = False, **controls) -> None:
+        """Set some drllm_* controls of one request (dropping its other drllm_*
+        ones if `drop_others`) on its own copy of the sampling parameters:
+        the caller's object may be shared."""
         params = request.sampling_params.clone()
-        params.extra_args = {**(params.extra_args or {}), **controls}
+        args = params.extra_args or {}
+        if drop_others:
+            args = {k: v for k, v in args.items() if not k.startswith("drllm_")}
+        params.extra_args = {**args, **controls}
         request.sampling_params = params
 
     def _pin(self, request, schedule: Schedule) -> None:
         """From now on the request runs `schedule` (also after a preemption)."""
-        args = {k: v for k, v in (request.sampling_params.extra_args or {}).items()
-                if not k.startswith("drllm_")}
-        params = request.sampling_params.clone()
-        params.extra_args = {**args, "drllm_mode": "schedule", "drllm_schedule": list(schedule)}
-        request.sampling_params = params
+        self._set_controls(request, drop_others=True, drllm_mode="schedule",
+                           drllm_schedule=list(schedule))
         self._drllm_route_end.pop(request.request_id, None)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
