@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Dr.LLM dynamic layer routing (skip / execute / repeat) as a vLLM plugin",
     python_requires=">=3.10",
-    packages=["drllm_vllm", "drllm_vllm.kernels"],
+    packages=["drllm_vllm", "drllm_vllm.kernels", "drllm_vllm.pipeline"],
     package_dir={"drllm_vllm.kernels": "kernels"},
     install_requires=[
         "pydantic>=2",

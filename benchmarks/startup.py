@@ -59,7 +59,7 @@ def first_answer(model: str, cache: Path, port: int, dtype: str) -> tuple[float,
 
 def main(argv=None) -> dict:
     from drllm_vllm.checkpoint import cache_dir, prepare
-    from drllm_vllm.scoring import default_dtype
+    from drllm_vllm.config import default_dtype
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=8123)

@@ -49,7 +49,7 @@ Workloads at each concurrency c (c requests submitted at once):
 - accuracy: a seeded random subset of ARC-Easy test questions (0-shot cloze,
   per-character normalised), with its standard error, for plain vLLM
   default, full and each routed bias.
-Prompts are ARC-Challenge and MATH test questions (drllm_vllm.tasks),
+Prompts are ARC-Challenge and MATH test questions (drllm_vllm.pipeline.tasks),
 alternating; round i takes the next n of them (n: the largest batch), so
 no round repeats a prompt of another (unless rounds x n exceeds the 1000
 questions; then the pool wraps, with a warning). Targets: see `targets`.
@@ -140,7 +140,7 @@ def real_prompts(tokenizer, n: int, rounds: int,
     (the pool wraps, with a warning, if it holds fewer than n x rounds)."""
     total = n * rounds
     try:
-        from drllm_vllm import tasks
+        from drllm_vllm.pipeline import tasks
 
         half = (total + 1) // 2
         arc = [e.contexts[0].rsplit("\n\n", 1)[-1]
@@ -494,7 +494,7 @@ def accuracy(llm, tokenizer, n: int, extra: dict | None, seed: int = 0) -> tuple
     controls, routed on the question (`tasks.route_span`)."""
     from vllm import SamplingParams
 
-    from drllm_vllm import tasks
+    from drllm_vllm.pipeline import tasks
 
     reqs, params, starts, prompts, golds = [], [], [], [], []
     for ex in tasks.load("arc_easy", "eval", n, "zero-shot", seed):
@@ -751,7 +751,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_overtaken = 4 if args.max_overtaken is None else args.max_overtaken
         args.accuracy_questions, args.dtype = 8, "float32"
     if args.dtype is None:
-        from drllm_vllm.scoring import default_dtype
+        from drllm_vllm.config import default_dtype
 
         args.dtype = default_dtype()
     return args

@@ -215,7 +215,7 @@ def drllm_block(model: str, shipped: tuple[dict, dict] | None, allow: str,
     labels_path = ROUTER_WEIGHTS_DIR / model / card.get("search", {}).get("file", "search.jsonl")
     if labels_path.is_file():
         from .schedule import allowed_layers
-        from .search import read_records
+        from .pipeline.search import read_records
 
         rule = allowed_layers([r["best"] for r in read_records(labels_path)
                                if r.get("best") is not None], num_layers)

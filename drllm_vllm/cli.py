@@ -28,7 +28,7 @@ def cmd_generate(args) -> None:
     extra = {"drllm_mode": args.mode, "drllm_bias": args.bias}
     if args.schedule:
         extra["drllm_schedule"] = json.loads(args.schedule)
-    from .scoring import default_dtype
+    from .config import default_dtype
 
     llm = LLM(model=model, max_model_len=args.max_model_len, dtype=args.dtype or default_dtype())
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, extra_args=extra)
@@ -63,7 +63,7 @@ def cmd_serve(args) -> None:
           "checkpoint' log line)", flush=True)
     vllm_args = list(args.vllm_args)
     if not any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
-        from .scoring import default_dtype
+        from .config import default_dtype
 
         vllm_args += ["--dtype", default_dtype()]
         print(f"drllm serve: --dtype {vllm_args[-1]} ({DTYPE_HELP}; pass --dtype to choose)")
@@ -98,9 +98,9 @@ def cmd_search(args) -> None:
     from pathlib import Path
 
     from .checkpoint import prepare
-    from .mcts import MCTSConfig
-    from .scoring import Scorer, make_engine
-    from .search import run_search, speed_comparison
+    from .pipeline.mcts import MCTSConfig
+    from .pipeline.scoring import Scorer, make_engine
+    from .pipeline.search import run_search, speed_comparison
 
     # the search tries every action at every layer: a checkpoint that allows them all
     checkpoint = prepare(args.model, allow="all")
@@ -120,7 +120,7 @@ def cmd_train(args) -> None:
     from pathlib import Path
 
     from .checkpoint import prepare
-    from .train import TrainConfig, train_and_ship
+    from .pipeline.train import TrainConfig, train_and_ship
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
     search = Path(args.search or _model_dir(args.model) / "search.jsonl")
@@ -134,7 +134,7 @@ def cmd_eval(args) -> None:
     from pathlib import Path
 
     from .checkpoint import prepare
-    from .evaluate import parse_biases
+    from .pipeline.evaluate import parse_biases
 
     biases = parse_biases(args.biases)
     if args.save and not args.chat_check:
@@ -142,19 +142,19 @@ def cmd_eval(args) -> None:
                          f"{args.out}.json/.md and its plots")
     checkpoint = Path(args.checkpoint) if args.checkpoint else prepare(args.model)
     if args.chat_check:
-        from .chat_check import main as chat_check
+        from .pipeline.chat_check import main as chat_check
 
         out = Path(args.out + "_chat_check.json") if args.save else None
         chat_check(checkpoint, biases, args.dtype, out)
         return
-    from .evaluate import main as run
+    from .pipeline.evaluate import main as run
 
     run(checkpoint, args.model, args.limit_in, args.limit_out, biases, args.generation,
         Path(args.out), args.dtype, args.format, args.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .tasks import FORMATS
+    from .pipeline.tasks import FORMATS
 
     parser = argparse.ArgumentParser(prog="drllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

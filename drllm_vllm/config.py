@@ -158,3 +158,29 @@ def parse_controls(
             f"(routers pool prompt tokens from this position on)"
         )
     return Controls(mode, schedule, float(bias), route_tokens, route_start)
+
+
+# CPU feature flags (/proc/cpuinfo) that mean bf16 matmuls run natively
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def default_dtype(cpuinfo: str | None = None) -> str:
+    """bfloat16 where the CPU computes it natively (or on a GPU), else float32.
+
+    Without those flags a bf16 matmul is emulated: on an AVX2-only EPYC a
+    64x576 @ 576x1536 linear took 12.3 ms in bf16 against 1.5 ms in fp32, and
+    vLLM warns that oneDNN falls back to torch's linear.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return "float32"
+    flags = {w for line in cpuinfo.splitlines()
+             if line.split(":")[0].strip() in ("flags", "Features") for w in line.split()}
+    return "bfloat16" if flags & NATIVE_BF16_FLAGS else "float32"

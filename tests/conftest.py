@@ -72,7 +72,7 @@ def dr_llm(checkpoint):
 
 @pytest.fixture(scope="session")
 def oracle(checkpoint):
-    from drllm_vllm.reference import Reference
+    from drllm_vllm.pipeline.reference import Reference
 
     return Reference(checkpoint)
 

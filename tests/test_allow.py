@@ -62,7 +62,7 @@ def tiny(tmp_path_factory, checkpoint):
 
 
 def test_allow_lists_hold_at_every_bias_and_match_the_oracle(tiny, tok):
-    from drllm_vllm.reference import Reference
+    from drllm_vllm.pipeline.reference import Reference
 
     oracle = Reference(tiny)
     prompts = [tok.encode(p) for p in PROMPTS[:4]]
@@ -91,7 +91,7 @@ def test_allow_lists_hold_at_every_bias_and_match_the_oracle(tiny, tok):
 
 
 def test_knob_is_monotone_in_layers_on_the_default_checkpoint(default_checkpoint, tok):
-    from drllm_vllm.reference import Reference
+    from drllm_vllm.pipeline.reference import Reference
 
     drllm = json.loads((default_checkpoint / "config.json").read_text())["drllm"]
     skip_layers, repeat_layers = drllm["skip_layers"], drllm["repeat_layers"]

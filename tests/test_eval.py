@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from drllm_vllm import chat_check, tasks
-from drllm_vllm.evaluate import SWEEP, paired_delta, parse_biases, table
+from drllm_vllm.pipeline import chat_check, tasks
+from drllm_vllm.pipeline.evaluate import SWEEP, paired_delta, parse_biases, table
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_chat_questions_are_many_and_do_not_give_their_answers():
 def test_chat_format_and_chat_check_through_the_engine(dr_llm, oracle):
     """Chat-format choices are routed on the user turn alone (the schedule the
     oracle picks on that span), and the chat check runs full vs routed."""
-    from drllm_vllm.scoring import Scorer
+    from drllm_vllm.pipeline.scoring import Scorer
 
     scorer = Scorer(dr_llm)
     examples = tasks.load("arc_easy", "eval", 2, "chat") + tasks.load("winogrande", "eval", 1,

@@ -137,7 +137,7 @@ def test_the_batch_mixes_modes_and_repeats(one_rank):
 
 @two_cpus
 def test_one_rank_matches_the_oracle(tp_checkpoint, prompt_ids, one_rank):
-    from drllm_vllm.reference import Reference
+    from drllm_vllm.pipeline.reference import Reference
 
     oracle = Reference(tp_checkpoint)
     for ids, request, got in zip(prompt_ids, REQUESTS, one_rank):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from drllm_vllm import tasks
-from drllm_vllm.mcts import MCTSConfig, Search, children_of
-from drllm_vllm.train import (StackedRouters, TrainConfig, class_weights, focal_loss,
+from drllm_vllm.pipeline import tasks
+from drllm_vllm.pipeline.mcts import MCTSConfig, Search, children_of
+from drllm_vllm.pipeline.train import (StackedRouters, TrainConfig, class_weights, focal_loss,
                               per_class, train)
 
 
@@ -61,7 +61,7 @@ def test_bad_task_names_are_clear():
 
 def test_engine_scoring_matches_transformers(dr_llm, oracle):
     """Full-mode cloze picks equal log-likelihoods computed with transformers."""
-    from drllm_vllm.scoring import Scorer
+    from drllm_vllm.pipeline.scoring import Scorer
 
     scorer = Scorer(dr_llm)
     examples = tasks.load("arc_challenge", "eval", 4) + tasks.load("arithmetic", "eval", 2)
@@ -81,7 +81,7 @@ def test_engine_scoring_matches_transformers(dr_llm, oracle):
 
 def test_choices_are_routed_on_the_question_alone(dr_llm, oracle):
     """All choices run under the schedule the routers pick on the shared prefix."""
-    from drllm_vllm.scoring import Scorer
+    from drllm_vllm.pipeline.scoring import Scorer
 
     scorer = Scorer(dr_llm)
     examples = (tasks.load("arc_easy", "eval", 3) + tasks.load("winogrande", "eval", 2)
@@ -98,8 +98,8 @@ def test_choices_are_routed_on_the_question_alone(dr_llm, oracle):
 
 
 def test_search_resumes_and_rewards_are_correctness(dr_llm, tmp_path):
-    from drllm_vllm.scoring import Scorer
-    from drllm_vllm.search import read_records, run_search
+    from drllm_vllm.pipeline.scoring import Scorer
+    from drllm_vllm.pipeline.search import read_records, run_search
 
     scorer = Scorer(dr_llm)
     out = tmp_path / "search.jsonl"
@@ -123,8 +123,8 @@ def test_search_resumes_and_rewards_are_correctness(dr_llm, tmp_path):
 # ---------------------------------------------------------------- MCTS
 
 def test_reward_needs_the_gold_to_keep_its_likelihood():
-    from drllm_vllm.scoring import Scored
-    from drllm_vllm.search import reward
+    from drllm_vllm.pipeline.scoring import Scored
+    from drllm_vllm.pipeline.search import reward
 
     full = Scored(pred=1, correct=False, schedule=(1,) * 3, layer_applications=3, gold_score=-0.50)
     right = Scored(0, True, (1, 0, 1), 2, gold_score=-0.52)
@@ -224,7 +224,7 @@ def test_training_on_a_small_cached_set_reduces_the_loss():
 
 
 def test_paired_delta_by_hand():
-    from drllm_vllm.evaluate import paired_delta
+    from drllm_vllm.pipeline.evaluate import paired_delta
 
     # arc_easy differences 0, +1, -1, 0: mean 0, sample variance 2/3, se^2 = 2/3/4
     # arc_challenge differences +1, +1: mean 1, variance 0; piqa differences 0, -1

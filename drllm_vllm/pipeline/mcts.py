@@ -21,7 +21,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from .schedule import Schedule, full_schedule
+from ..schedule import Schedule, full_schedule
 
 
 @dataclass(frozen=True)

@@ -14,36 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schedule import Schedule, layer_applications
+from ..config import default_dtype
+from ..schedule import Schedule, layer_applications
 from .tasks import Example, continuation_logprob, encode, per_char, pick, route_span
 
 ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
-# CPU feature flags (/proc/cpuinfo) that mean bf16 matmuls run natively
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
-
-
-def default_dtype(cpuinfo: str | None = None) -> str:
-    """bfloat16 where the CPU computes it natively (or on a GPU), else float32.
-
-    Without those flags a bf16 matmul is emulated: on an AVX2-only EPYC a
-    64x576 @ 576x1536 linear took 12.3 ms in bf16 against 1.5 ms in fp32, and
-    vLLM warns that oneDNN falls back to torch's linear.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16"
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return "float32"
-    flags = {w for line in cpuinfo.splitlines()
-             if line.split(":")[0].strip() in ("flags", "Features") for w in line.split()}
-    return "bfloat16" if flags & NATIVE_BF16_FLAGS else "float32"
-
-
 @dataclass(frozen=True)
 class Scored:
     pred: int
@@ -109,7 +84,7 @@ class Scorer:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from . import schedule_of
+        from .. import schedule_of
 
         prompts, params, owner = [], [], []
         for k, (e, controls) in enumerate(items):

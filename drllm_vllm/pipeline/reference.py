@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import parse_drllm_block
-from .router import Router, decide, route_window, window_means
-from .schedule import Schedule
+from ..config import parse_drllm_block
+from ..router import Router, decide, route_window, window_means
+from ..schedule import Schedule
 
 
 class Reference:

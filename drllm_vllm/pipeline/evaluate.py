@@ -309,8 +309,9 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
          seed: int = 0, log=print) -> dict:
     """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
     record the table in the shipped router card when these are its routers."""
-    from .checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
-    from .scoring import Scorer, default_dtype, make_engine
+    from ..checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
+    from ..config import default_dtype
+    from .scoring import Scorer, make_engine
 
     dtype = dtype or default_dtype()
     llm = make_engine(checkpoint, dtype=dtype)

@@ -155,8 +155,8 @@ def run(llm, biases, max_tokens: int = 48, questions=QUESTIONS) -> dict:
     {method name: summarise(...)}; layers are per generated token (of L)."""
     from vllm import SamplingParams
 
-    from . import schedule_of
-    from .schedule import layer_applications
+    from .. import schedule_of
+    from ..schedule import layer_applications
 
     messages = [[{"role": "user", "content": q}] for q, _ in questions]
     methods = {"full": {"drllm_mode": "full"},
@@ -202,7 +202,8 @@ def main(checkpoint: Path, biases, dtype: str | None = None, out: Path | None = 
     """Run the chat check on a checkpoint, print the table, and write JSON to
     `out` only when given."""
     from .evaluate import provenance
-    from .scoring import default_dtype, make_engine
+    from ..config import default_dtype
+    from .scoring import make_engine
 
     dtype = dtype or default_dtype()
     llm = make_engine(checkpoint, dtype=dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .router import NUM_CLASSES
+from ..router import NUM_CLASSES
 
 CLASS_NAMES = ("skip", "execute", "repeat")
 
@@ -251,8 +251,8 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
     from safetensors.torch import save_file
 
     from . import tasks
-    from .checkpoint import BASE_MODELS, cache_dir
-    from .schedule import allowed_layers
+    from ..checkpoint import BASE_MODELS, cache_dir
+    from ..schedule import allowed_layers
     from .search import read_records, summarise
 
     records = read_records(search_path)
