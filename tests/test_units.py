@@ -257,3 +257,25 @@ def test_search_records_name_their_prompt_format():
     assert record_format({"task": "arc_easy", "doc_id": 1, "shots": 0}) == "zero-shot"
     assert record_format({"task": "arithmetic", "doc_id": 1, "shots": 5}) == "five-shot"
     assert record_format({"task": "arc_easy", "doc_id": 1, "format": "chat"}) == "chat"
+
+
+def test_serve_kv_cache_fits_the_model_and_the_free_memory():
+    from drllm_vllm.cli import _option, default_kv_cache_bytes
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64; bf16: 2*30*3*64*2 = 23,040 bytes a token
+    cfg = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "hidden_size": 576, "drllm": {"repeat_layers": []}}
+    size, tokens = default_kv_cache_bytes(cfg, 2, 8192, 16 * 2**30)
+    assert (size, tokens) == (131072 * 23040, 131072)
+    # repeat layers carry their own cache
+    rep = default_kv_cache_bytes({**cfg, "drllm": {"repeat_layers": [0, 1]}}, 2, 8192, 16 * 2**30)
+    assert rep[0] == 131072 * 2 * 32 * 3 * 64 * 2
+    # little memory free: capped at 40% of it, but never below one sequence
+    assert default_kv_cache_bytes(cfg, 2, 8192, 2**30)[1] == int(0.4 * 2**30) // 23040
+    assert default_kv_cache_bytes(cfg, 2, 8192, 2**20)[1] == 8192
+    # long contexts ask for four sequences; head_dim from hidden size when absent
+    cfg2 = {k: v for k, v in cfg.items() if k != "drllm"}
+    assert default_kv_cache_bytes(cfg2, 4, 65536, 2**40)[1] == 4 * 65536
+    assert _option(["--port", "1", "--max-model-len=512"], "--max-model-len") == "512"
+    assert _option(["--max-model-len", "512"], "--max-model-len") == "512"
+    assert _option(["--port", "1"], "--max-model-len") is None

