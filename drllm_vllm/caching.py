@@ -85,3 +85,29 @@ def combine_salt(user_salt: str | None, ours: str) -> str:
     """The user's own salt, if any, followed by ours: requests that differ in
     either never share a block."""
     return f"{user_salt}|{ours}" if user_salt else ours
+
+
+KV_CACHE_TOKENS = 131072  # what a CPU engine's KV cache is sized for by default
+KV_CACHE_SHARE = 0.4  # at most this share of the memory available at start
+
+
+def default_kv_cache_bytes(config: dict, dtype_bytes: int, max_model_len: int,
+                           available_bytes: int) -> tuple[int, int]:
+    """KV-cache size for a Dr.LLM engine on CPU when the user chose none: (bytes, tokens).
+
+    vLLM on CPU otherwise reserves 92% of the machine's memory
+    (`--gpu-memory-utilization` 0.92 of the total) and refuses to start when
+    that much is not free. This asks for room for KV_CACHE_TOKENS tokens
+    (at least four sequences of `max_model_len`), capped at KV_CACHE_SHARE of
+    `available_bytes`, and never less than one sequence of `max_model_len`.
+    Per token: 2 (K and V) x KV layers (decoder layers + the checkpoint's
+    repeat layers, each with its own cache) x KV heads x head size x
+    `dtype_bytes`. Config: a Dr.LLM checkpoint's config.json as a dict."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    layers = config["num_hidden_layers"] + len((config.get("drllm") or {}).get("repeat_layers") or ())
+    per_token = 2 * layers * config.get("num_key_value_heads", heads) * head_dim * dtype_bytes
+    tokens = max(KV_CACHE_TOKENS, 4 * max_model_len)
+    tokens = min(tokens, int(KV_CACHE_SHARE * available_bytes) // per_token)
+    tokens = max(tokens, max_model_len)
+    return tokens * per_token, tokens

@@ -41,42 +41,6 @@ def cmd_generate(args) -> None:
               f"{layer_applications(schedule)}/{len(schedule)} layer applications per token")
 
 
-KV_CACHE_TOKENS = 131072  # what `drllm serve` sizes the KV cache for by default
-KV_CACHE_SHARE = 0.4  # at most this share of the memory available at start
-
-
-def default_kv_cache_bytes(config: dict, dtype_bytes: int, max_model_len: int,
-                           available_bytes: int) -> tuple[int, int]:
-    """KV-cache size for `drllm serve` when the user chose none: (bytes, tokens).
-
-    vLLM on CPU otherwise reserves 92% of the machine's memory
-    (`--gpu-memory-utilization` 0.92 of the total) and refuses to start when
-    that much is not free. This asks for room for KV_CACHE_TOKENS tokens
-    (at least four sequences of `max_model_len`), capped at KV_CACHE_SHARE of
-    `available_bytes`, and never less than one sequence of `max_model_len`.
-    Per token: 2 (K and V) x KV layers (decoder layers + the checkpoint's
-    repeat layers, each with its own cache) x KV heads x head size x
-    `dtype_bytes`. Config: a Dr.LLM checkpoint's config.json as a dict."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    layers = config["num_hidden_layers"] + len((config.get("drllm") or {}).get("repeat_layers") or ())
-    per_token = 2 * layers * config.get("num_key_value_heads", heads) * head_dim * dtype_bytes
-    tokens = max(KV_CACHE_TOKENS, 4 * max_model_len)
-    tokens = min(tokens, int(KV_CACHE_SHARE * available_bytes) // per_token)
-    tokens = max(tokens, max_model_len)
-    return tokens * per_token, tokens
-
-
-def _option(args: list[str], name: str) -> str | None:
-    """The value of `--name X` or `--name=X` in a vllm serve argument list."""
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def cmd_serve(args) -> None:
     """Prepare the default model (or take --checkpoint) and run `vllm serve` on it."""
     import os
@@ -103,24 +67,6 @@ def cmd_serve(args) -> None:
 
         vllm_args += ["--dtype", default_dtype()]
         print(f"drllm serve: --dtype {vllm_args[-1]} ({DTYPE_HELP}; pass --dtype to choose)")
-    chosen = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
-    if not any(_option(vllm_args, o) for o in chosen) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        import psutil
-        import torch
-
-        dtype = _option(vllm_args, "--dtype")
-        dtype_bytes = 4 if dtype in ("float32", "float") else 2
-        max_len = int(_option(vllm_args, "--max-model-len")
-                      or config.get("max_position_embeddings", 2048))
-        available = psutil.virtual_memory().available
-        size, tokens = default_kv_cache_bytes(config, dtype_bytes, max_len, available)
-        if not torch.cuda.is_available():  # on a GPU vLLM's own rule stays
-            vllm_args += ["--kv-cache-memory-bytes", str(size)]
-            print(f"drllm serve: KV cache {size / 2**30:.2f} GiB, room for {tokens:,} tokens "
-                  f"at --max-model-len {max_len} ({available / 2**30:.1f} GiB of memory "
-                  f"available; vLLM's CPU default would reserve 92% of all memory); "
-                  f"--kv-cache-memory-bytes, --gpu-memory-utilization or "
-                  f"VLLM_CPU_KVCACHE_SPACE choose another size")
     env = {**os.environ}
     env.setdefault("VLLM_PLUGINS", "drllm")  # endpoint plugins are opt-in in vLLM
     vllm = str(Path(sys.executable).with_name("vllm"))

@@ -131,6 +131,9 @@ def _wrap_create_engine_config(orig):
             " tokens)" if sched.enable_chunked_prefill else "chunked prefill off",
         ]
         settings.append(f"max_num_batched_tokens {sched.max_num_batched_tokens}")
+        sized = size_cpu_kv_cache(self, vllm_config, config)
+        if sized:
+            settings.append(sized)
         binding = bind_cpu_ranks(vllm_config.parallel_config)
         if binding:
             settings.append(f"one core set per CPU worker, VLLM_CPU_OMP_THREADS_BIND={binding}")
@@ -147,6 +150,39 @@ def _wrap_create_engine_config(orig):
 
     create_engine_config._drllm = True
     return create_engine_config
+
+
+def size_cpu_kv_cache(args, vllm_config, config: dict) -> str | None:
+    """On CPU, give the KV cache a size that fits the model when the user
+    chose none (`--kv-cache-memory-bytes`, `VLLM_CPU_KVCACHE_SPACE`, or a
+    `--gpu-memory-utilization` other than vLLM's default).
+
+    vLLM's CPU default reserves 92% of all memory and refuses to start when
+    that much is not free, so a machine partly in use could not start the
+    main job. The size is `caching.default_kv_cache_bytes`; returns the
+    start-up log's description, or None where vLLM's own rule stays."""
+    import dataclasses
+
+    import psutil
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from .caching import default_kv_cache_bytes
+
+    cache = vllm_config.cache_config
+    default_share = {f.name: f.default for f in dataclasses.fields(EngineArgs)}["gpu_memory_utilization"]
+    if (not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None
+            or args.gpu_memory_utilization != default_share):
+        return None
+    model = vllm_config.model_config
+    dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+    dtype_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else 1  # fp8 caches
+    available = psutil.virtual_memory().available
+    size, tokens = default_kv_cache_bytes(config, dtype_bytes, model.max_model_len, available)
+    cache.kv_cache_memory_bytes = size
+    return (f"KV cache {size / 2**30:.2f} GiB for {tokens:,} tokens ({available / 2**30:.1f} GiB "
+            f"free; vLLM's CPU default reserves {default_share:.0%} of all memory; "
+            f"--kv-cache-memory-bytes or --gpu-memory-utilization choose)")
 
 
 # -- several ranks on one CPU ----------------------------------------------

@@ -259,8 +259,8 @@ def test_search_records_name_their_prompt_format():
     assert record_format({"task": "arc_easy", "doc_id": 1, "format": "chat"}) == "chat"
 
 
-def test_serve_kv_cache_fits_the_model_and_the_free_memory():
-    from drllm_vllm.cli import _option, default_kv_cache_bytes
+def test_cpu_kv_cache_fits_the_model_and_the_free_memory():
+    from drllm_vllm.caching import default_kv_cache_bytes
 
     # SmolLM2-135M: 30 layers, 3 KV heads of 64; bf16: 2*30*3*64*2 = 23,040 bytes a token
     cfg = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -276,6 +276,3 @@ def test_serve_kv_cache_fits_the_model_and_the_free_memory():
     # long contexts ask for four sequences; head_dim from hidden size when absent
     cfg2 = {k: v for k, v in cfg.items() if k != "drllm"}
     assert default_kv_cache_bytes(cfg2, 4, 65536, 2**40)[1] == 4 * 65536
-    assert _option(["--port", "1", "--max-model-len=512"], "--max-model-len") == "512"
-    assert _option(["--max-model-len", "512"], "--max-model-len") == "512"
-    assert _option(["--port", "1"], "--max-model-len") is None
