@@ -179,7 +179,9 @@ def size_cpu_kv_cache(args, vllm_config, config: dict) -> str | None:
     dtype_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else 1  # fp8 caches
     available = psutil.virtual_memory().available
     size, tokens = default_kv_cache_bytes(config, dtype_bytes, model.max_model_len, available)
-    cache.kv_cache_memory_bytes = size
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    cache.kv_cache_memory_bytes = size // tp if kv_heads % tp == 0 else size  # per worker
     return (f"KV cache {size / 2**30:.2f} GiB for {tokens:,} tokens ({available / 2**30:.1f} GiB "
             f"free; vLLM's CPU default reserves {default_share:.0%} of all memory; "
             f"--kv-cache-memory-bytes or --gpu-memory-utilization choose)")
