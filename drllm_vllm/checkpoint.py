@@ -318,7 +318,8 @@ def _card_for_checkpoint(card: dict) -> dict:
 
 
 def _shape_fields(card: dict) -> dict:
-    return {k: card["drllm"][k] for k in ("num_windows", "bottleneck") if k in card["drllm"]}
+    shape = card.get("drllm", {})
+    return {k: shape[k] for k in ("num_windows", "bottleneck") if k in shape}
 
 
 def prepare(model: str = "smollm2-135m-instruct", out: Path | None = None,
@@ -428,15 +429,15 @@ def prepare_base(base: Path, out: Path | None = None, allow: str = "derived",
 
 def _routers_for(routers: Path | None, allow: str, num_layers: int, hidden_size: int,
                  where: str) -> tuple[Routers | None, DrConfig]:
-    """Load `routers` (if any), derive the `drllm` block, check the shapes fit."""
+    """Load `routers` (if any), check their shapes fit, derive the `drllm` block."""
     loaded = load_routers(routers) if routers is not None else None
-    drllm = drllm_block(loaded, allow, num_layers)
     if loaded is not None:
+        bottleneck = DrConfig(**_shape_fields(loaded.card)).bottleneck
         problem = router_mismatch({k: tuple(v.shape) for k, v in loaded.tensors.items()},
-                                  num_layers, hidden_size, drllm.bottleneck)
+                                  num_layers, hidden_size, bottleneck)
         if problem:
             raise ValueError(f"routers {routers} do not fit {where}: {problem}")
-    return loaded, drllm
+    return loaded, drllm_block(loaded, allow, num_layers)
 
 
 def all_layers(checkpoint: Path) -> Path:
