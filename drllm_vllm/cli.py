@@ -165,17 +165,17 @@ def cmd_eval(args) -> None:
         raise ValueError("--save is for --chat-check; the evaluation always writes "
                          f"{args.out or 'benchmarks/results/eval_<name>'}.json/.md and its plots")
     checkpoint, name = checkpoint_of(args)
-    args.out = args.out or f"benchmarks/results/eval_{name}"
+    stem = args.out or f"benchmarks/results/eval_{name}"
     if args.chat_check:
         from .pipeline.chat_check import main as chat_check
 
-        out = Path(args.out + "_chat_check.json") if args.save else None
+        out = Path(stem + "_chat_check.json") if args.save else None
         chat_check(checkpoint, biases, args.dtype, out)
         return
     from .pipeline.evaluate import main as run
 
     run(checkpoint, name, args.limit_in, args.limit_out, biases, args.generation,
-        Path(args.out), args.dtype, args.format, args.seed)
+        Path(stem), args.dtype, args.format, args.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
