@@ -10,19 +10,10 @@ import re
 import pytest
 
 from drllm_vllm import cli
-from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
 from .conftest import make_llm, random_base, shutdown
 from .test_engine import forced, params, run
-
-LAYERS = 4
-SCHEDULES = [
-    (EXECUTE,) * LAYERS,
-    (SKIP, EXECUTE, EXECUTE, EXECUTE),
-    (EXECUTE, EXECUTE, EXECUTE, SKIP),
-    (REPEAT, SKIP, EXECUTE, REPEAT),
-    (EXECUTE, REPEAT, REPEAT, EXECUTE),
-]
+from .test_qwen2 import LAYERS, SCHEDULES  # 4 layers; skips and repeats at both ends
 BIASES = (0, -0.5, 0.5, 0, 0.3)
 PROMPTS = ("Hello there", "A much longer prompt about the weather in the mountains today",
            "1 2 3 4 5", "Why is the sky blue?", "Short")
@@ -206,11 +197,36 @@ def test_search_gets_an_all_layers_sibling_of_a_restricted_checkpoint(bases, tmp
     assert all_layers(sibling) == sibling  # already allows everything
 
 
-def test_plain_view_is_the_base_model_without_routers(bases, tmp_path):
+def test_sharded_base_index_gains_routers_in_the_checkpoint_only(bases, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from drllm_vllm.checkpoint import plain_view, prepare_base
 
-    dr = prepare_base(bases["llama"], tmp_path / "l-drllm")
+    base = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(bases["llama"]).save_pretrained(base, max_shard_size="20MB")
+    AutoTokenizer.from_pretrained(bases["llama"]).save_pretrained(base)
+    index = (base / "model.safetensors.index.json").read_text()
+    dr = prepare_base(base, tmp_path / "l-drllm")
+    routed = json.loads((dr / "model.safetensors.index.json").read_text())["weight_map"]
+    assert routed["model.routers.3.fc2.bias"] == "routers.safetensors"
+    assert (base / "model.safetensors.index.json").read_text() == index  # not written through
     plain = plain_view(dr, tmp_path / "plain")
-    config = json.loads((plain / "config.json").read_text())
-    assert config == json.loads((bases["llama"] / "config.json").read_text())
-    assert sorted(f.name for f in plain.iterdir()) == sorted(f.name for f in bases["llama"].iterdir())
+    assert json.loads((plain / "model.safetensors.index.json").read_text())["weight_map"] == \
+        json.loads(index)["weight_map"]
+    assert json.loads((plain / "config.json").read_text()) == \
+        json.loads((base / "config.json").read_text())
+    assert sorted(f.name for f in plain.iterdir()) == sorted(f.name for f in base.iterdir())
+
+
+def test_a_bare_routers_file_is_kept_as_trained_when_every_layer_is_allowed(bases, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from drllm_vllm.checkpoint import init_routers, prepare_base
+
+    routers = init_routers(LAYERS, 128, 64, seed=5)
+    save_file(routers, tmp_path / "routers.safetensors")
+    dr = prepare_base(bases["qwen3"], tmp_path / "q-drllm", "all", tmp_path / "routers.safetensors")
+    block = json.loads((dr / "config.json").read_text())["drllm"]
+    assert block["trained"] is True and block["bottleneck"] == 64
+    kept = load_file(dr / "routers.safetensors")
+    assert kept.keys() == routers.keys() and all((kept[k] == v).all() for k, v in routers.items())
