@@ -344,23 +344,26 @@ def prepare_gguf(gguf: Path, out: Path | None = None, allow: str = "derived",
                  routers: Path | None = None, name: str | None = None,
                  sha256: str | None = None) -> Path:
     """De-quantize a GGUF file (Llama, Qwen2 or Qwen3) with transformers to fp32
-    safetensors under <cache>/base/ (cached per name and sha256), then
-    `prepare_base`. `name` (default: the file's stem) names the checkpoint;
-    `sha256`, if given, must match the file. ValueError before any heavy work
-    for a missing file or an unsupported architecture."""
+    safetensors, then `prepare_base`. The de-quantized base is cached as
+    <cache>/base/<name> for a built-in model (`name` given, `sha256` pinned:
+    the file must match it), else as <cache>/base/<stem>-<sha256 prefix> (the
+    file is hashed on every call, about 2 s per GB). `name` (default: the
+    file's stem) names the checkpoint. Before de-quantizing, the header is
+    read: ValueError for a missing file, an unsupported architecture, or
+    routers that do not fit."""
     gguf = Path(gguf)
     if not gguf.is_file():
         raise ValueError(f"GGUF file {gguf} does not exist")
     _check_allow(allow)
-    arch = _gguf_shape(gguf)[0]
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{gguf} holds a {arch!r} model, which is not supported; "
-                         f"accepted GGUF architectures: {sorted(GGUF_ARCHITECTURES)}")
-    if routers is not None:  # fail on bad routers before de-quantizing
-        _routers_for(routers, allow, *_gguf_shape(gguf)[1:], where=str(gguf))
     digest = sha256 or sha256_of(gguf)
-    base_dir = cache_dir() / "base" / (name or f"{gguf.stem}-{digest[:12]}")
-    base = dequantize(gguf, base_dir, digest)
+    base = cache_dir() / "base" / (name or f"{gguf.stem}-{digest[:12]}")
+    if not (base / "config.json").exists():  # check before the heavy work
+        arch, num_layers, hidden = _gguf_shape(gguf)
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"{gguf} holds a {arch!r} model, which is not supported; "
+                             f"accepted GGUF architectures: {sorted(GGUF_ARCHITECTURES)}")
+        _routers_for(routers, allow, num_layers, hidden, where=str(gguf))
+        dequantize(gguf, base, digest)
     return prepare_base(base, out, allow, routers, name=name or gguf.stem)
 
 
@@ -402,14 +405,11 @@ def prepare_base(base: Path, out: Path | None = None, allow: str = "derived",
     out = Path(out) if out else cache_dir() / "checkpoints" / f"{name}{SUFFIX[allow]}"
     num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     loaded, drllm = _routers_for(routers, allow, num_layers, hidden, where=str(base))
-    if (out / "config.json").exists():
-        cached = json.loads((out / "config.json").read_text())
-        stale = _differences(cached.get("drllm") or {}, drllm.model_dump(mode="json"))
-        if not _same_base(base, out, drllm.router_file):
-            stale.append(f"base model (not {base})")
-        if not stale:
-            log(f"using cached checkpoint {out}")
-            return out
+    stale = _stale(out, base, drllm)
+    if stale == []:
+        log(f"using cached checkpoint {out}")
+        return out
+    if stale:
         log(f"cached checkpoint {out} is stale (it differs in "
             f"{', '.join(stale)}): rebuilding it")
     if loaded is not None:
@@ -454,9 +454,7 @@ def all_layers(checkpoint: Path) -> Path:
         return checkpoint
     want = every_layer(drllm, num_layers, "drllm prepare --allow all")
     out = checkpoint.with_name(checkpoint_name(checkpoint) + SUFFIX["all"])
-    if (out / "config.json").exists() and _same_base(checkpoint, out, drllm.router_file) \
-            and not _differences(json.loads((out / "config.json").read_text()).get("drllm") or {},
-                                 want.model_dump(mode="json")):
+    if _stale(out, checkpoint, want) == []:
         log(f"using cached checkpoint {out} (every layer may skip and repeat)")
         return out
     write_dr_checkpoint(checkpoint, out, load_file(checkpoint / drllm.router_file), want)
@@ -495,6 +493,16 @@ def check_base(base: Path) -> dict:
         raise ValueError(f"{base} has no tokenizer (tokenizer.json, tokenizer.model or "
                          f"vocab.json); save one beside the weights")
     return config
+
+
+def _stale(out: Path, base: Path, drllm: DrConfig) -> list[str] | None:
+    """What differs between the checkpoint cached at `out` and the one `base`
+    and `drllm` would make: [] if it is up to date, None if there is none."""
+    if not (out / "config.json").exists():
+        return None
+    cached = json.loads((out / "config.json").read_text())
+    stale = _differences(cached.get("drllm") or {}, drllm.model_dump(mode="json"))
+    return stale + ([] if _same_base(base, out, drllm.router_file) else [f"base (not {base})"])
 
 
 def _same_base(base: Path, out: Path, router_file: str) -> bool:

@@ -213,8 +213,8 @@ def test_prepare_rebuilds_a_cached_checkpoint_whose_drllm_block_is_stale(tmp_pat
 
     model = "smollm2-135m-instruct"
     monkeypatch.setenv("DRLLM_CACHE", str(tmp_path))
-    base = tmp_path / "base-model"
-    base.mkdir()
+    base = tmp_path / "base" / model  # as de-quantized before: not again
+    base.mkdir(parents=True)
     plain = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30, "hidden_size": 576}
     (base / "config.json").write_text(json.dumps(plain))
     (base / "model.safetensors").write_bytes(b"")
@@ -223,8 +223,7 @@ def test_prepare_rebuilds_a_cached_checkpoint_whose_drllm_block_is_stale(tmp_pat
     gguf.write_bytes(b"")
     written = []
     monkeypatch.setattr(ck, "fetch_gguf", lambda src, root: gguf)
-    monkeypatch.setattr(ck, "_gguf_shape", lambda gguf: ("llama", 30, 576))
-    monkeypatch.setattr(ck, "dequantize", lambda gguf, out, sha: base)
+    monkeypatch.setattr(ck, "dequantize", lambda gguf, out, sha: pytest.fail("de-quantized"))
     monkeypatch.setattr(ck, "write_dr_checkpoint", lambda b, o, r, drllm: written.append(drllm))
     out = tmp_path / "checkpoints" / f"{model}-drllm"
     out.mkdir(parents=True)
