@@ -14,6 +14,7 @@ from drllm_vllm import cli
 from .conftest import make_llm, random_base, shutdown
 from .test_engine import forced, params, run
 from .test_qwen2 import LAYERS, SCHEDULES  # 4 layers; skips and repeats at both ends
+
 BIASES = (0, -0.5, 0.5, 0, 0.3)
 PROMPTS = ("Hello there", "A much longer prompt about the weather in the mountains today",
            "1 2 3 4 5", "Why is the sky blue?", "Short")
