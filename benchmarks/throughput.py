@@ -200,10 +200,11 @@ def chosen(cases: list[Case], reference: str, wanted: list[str] | None) -> list[
 def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[dict, Path]:
     from vllm import LLM
 
-    from drllm_vllm.checkpoint import prepare
+    from drllm_vllm.checkpoint import cache_dir, plain_view, prepare
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else prepare()
-    base = checkpoint.parent.parent / "base" / checkpoint.name.removesuffix("-drllm")
+    # plain vLLM runs the same base weights: the checkpoint less its routers
+    base = plain_view(checkpoint, cache_dir() / "plain" / checkpoint.resolve().name)
     common = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
                   disable_log_stats=False)
     eager = dict(enable_prefix_caching=False, enforce_eager=True, enable_chunked_prefill=False)
@@ -709,7 +710,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="drllm bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="CI size: batch 1 and 4, fp32, few tokens; checks counts, not speed")
-    p.add_argument("--checkpoint", default=None, help="Dr.LLM checkpoint (default: drllm prepare)")
+    p.add_argument("--checkpoint", default=None, help="any Dr.LLM checkpoint (default: drllm "
+                   "prepare); plain vLLM runs its base weights")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--biases", type=float, nargs="+", default=[-0.25, 0.0])
     p.add_argument("--rounds", type=int, default=2,
@@ -857,7 +859,10 @@ def main(argv=None) -> dict:
             r["accuracy"], r["accuracy_se"] = acc.get(r["case"]), acc_se.get(r["case"])
 
     now = datetime.now(timezone.utc)
-    stem = args.out or f"throughput_{'quick_' if args.quick else ''}{now:%Y%m%d_%H%M}"
+    from drllm_vllm.checkpoint import checkpoint_name
+
+    name = f"{checkpoint_name(checkpoint)}_" if args.checkpoint else ""  # a brought model
+    stem = args.out or f"throughput_{name}{'quick_' if args.quick else ''}{now:%Y%m%d_%H%M}"
     result = {
         "date": now.isoformat(timespec="seconds"), "machine": machine(),
         "command": ("python benchmarks/throughput.py " if argv is None else "drllm bench ")

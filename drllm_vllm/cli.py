@@ -7,13 +7,38 @@ import json
 import sys
 
 DTYPE_HELP = "default: bfloat16 where the CPU computes it natively, else float32"
+CHECKPOINT_HELP = ("any Dr.LLM checkpoint directory (instead of --model); results and "
+                   "routers are filed under its name, the folder's less -drllm")
 
 
 def cmd_prepare(args) -> None:
-    from .checkpoint import prepare
+    from .checkpoint import prepare, prepare_base, prepare_gguf
 
-    path = prepare(args.model, args.out, args.allow)
+    if args.base:
+        path = prepare_base(args.base, args.out, args.allow, args.routers)
+    elif args.gguf:
+        path = prepare_gguf(args.gguf, args.out, args.allow, args.routers)
+    else:
+        path = prepare(args.model, args.out, args.allow, args.routers)
     print(path)  # last line of stdout: scripts rely on it
+
+
+def checkpoint_of(args, allow: str = "derived") -> tuple["Path", str]:
+    """(checkpoint, name): --checkpoint, checked, else the built-in --model
+    prepared with `allow`. `name` files results and routers: the model's, or
+    the checkpoint folder's less a -drllm suffix (`checkpoint.checkpoint_name`)."""
+    from pathlib import Path
+
+    from .checkpoint import checkpoint_name, prepare, validate_checkpoint
+
+    if not args.checkpoint:
+        return prepare(args.model, allow=allow), args.model
+    path = Path(args.checkpoint)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--checkpoint {path} is not a checkpoint folder (no config.json); "
+                         f"build one with `drllm prepare`")
+    validate_checkpoint(path, json.loads((path / "config.json").read_text()))
+    return path, checkpoint_name(path)
 
 
 def cmd_generate(args) -> None:
@@ -21,10 +46,9 @@ def cmd_generate(args) -> None:
     from vllm import LLM, SamplingParams
 
     from . import schedule_of
-    from .checkpoint import prepare
     from .schedule import ACTION_NAMES, layer_applications
 
-    model = args.checkpoint or str(prepare(args.model))
+    model = str(checkpoint_of(args)[0])
     extra = {"drllm_mode": args.mode, "drllm_bias": args.bias}
     if args.schedule:
         extra["drllm_schedule"] = json.loads(args.schedule)
@@ -46,9 +70,9 @@ def cmd_serve(args) -> None:
     import os
     from pathlib import Path
 
-    from .checkpoint import prepare, validate_checkpoint
+    from .checkpoint import validate_checkpoint
 
-    model = Path(args.checkpoint or prepare(args.model))
+    model = Path(checkpoint_of(args)[0])
     config = json.loads((model / "config.json").read_text())
     drllm = validate_checkpoint(model, config)
     state = "trained" if drllm.trained else "UNTRAINED (deterministic init; use full/schedule modes)"
@@ -87,29 +111,31 @@ def cmd_bench(args) -> None:
     if bench.main(args.vllm_args)["errors"]:
         sys.exit(1)
 
-def _model_dir(model: str) -> "Path":
+def _model_dir(name: str) -> "Path":
     from .checkpoint import ROUTER_WEIGHTS_DIR
 
-    return ROUTER_WEIGHTS_DIR / model
+    return ROUTER_WEIGHTS_DIR / name
 
 
 def cmd_search(args) -> None:
     """MCTS over layer paths on the search splits, scored by the engine (resumable)."""
     from pathlib import Path
 
-    from .checkpoint import prepare
+    from .checkpoint import all_layers
     from .pipeline.mcts import MCTSConfig
     from .pipeline.scoring import Scorer, make_engine
     from .pipeline.search import run_search, speed_comparison
 
-    # the search tries every action at every layer: a checkpoint that allows them all
-    checkpoint = prepare(args.model, allow="all")
+    # the search tries every action at every layer: a checkpoint that allows
+    # them all (for --checkpoint, its -drllm-all-layers sibling)
+    checkpoint, name = checkpoint_of(args, allow="all")
+    checkpoint = all_layers(checkpoint)
     scorer = Scorer(make_engine(checkpoint, dtype=args.dtype))
     if args.compare_speed:
         speed_comparison(scorer, checkpoint, args.compare_speed, Path(args.speed_out))
         return
-    name = "search.jsonl" if args.format is None else f"search_{args.format}.jsonl"
-    out = Path(args.out or _model_dir(args.model) / name)
+    file = "search.jsonl" if args.format is None else f"search_{args.format}.jsonl"
+    out = Path(args.out or _model_dir(name) / file)
     run_search(scorer, out, args.tasks.split(","), args.limit,
                MCTSConfig(simulations=args.simulations), pool=args.pool, seed=args.seed,
                tolerance=args.tolerance, format=args.format)
@@ -119,13 +145,12 @@ def cmd_train(args) -> None:
     """Train routers on the search labels and write them with their card."""
     from pathlib import Path
 
-    from .checkpoint import prepare
     from .pipeline.train import TrainConfig, train_and_ship
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
-    search = Path(args.search or _model_dir(args.model) / "search.jsonl")
-    train_and_ship(prepare(args.model), args.model, search,
-                   Path(args.out or _model_dir(args.model)), cfg)
+    checkpoint, name = checkpoint_of(args)
+    search = Path(args.search or _model_dir(name) / "search.jsonl")
+    train_and_ship(checkpoint, name, search, Path(args.out or _model_dir(name)), cfg)
 
 
 def cmd_eval(args) -> None:
@@ -133,24 +158,24 @@ def cmd_eval(args) -> None:
     with --chat-check, full vs routed chat answers to known questions."""
     from pathlib import Path
 
-    from .checkpoint import prepare
     from .pipeline.evaluate import parse_biases
 
     biases = parse_biases(args.biases)
     if args.save and not args.chat_check:
         raise ValueError("--save is for --chat-check; the evaluation always writes "
-                         f"{args.out}.json/.md and its plots")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else prepare(args.model)
+                         f"{args.out or 'benchmarks/results/eval_<name>'}.json/.md and its plots")
+    checkpoint, name = checkpoint_of(args)
+    stem = args.out or f"benchmarks/results/eval_{name}"
     if args.chat_check:
         from .pipeline.chat_check import main as chat_check
 
-        out = Path(args.out + "_chat_check.json") if args.save else None
+        out = Path(stem + "_chat_check.json") if args.save else None
         chat_check(checkpoint, biases, args.dtype, out)
         return
     from .pipeline.evaluate import main as run
 
-    run(checkpoint, args.model, args.limit_in, args.limit_out, biases, args.generation,
-        Path(args.out), args.dtype, args.format, args.seed)
+    run(checkpoint, name, args.limit_in, args.limit_out, biases, args.generation,
+        Path(stem), args.dtype, args.format, args.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,8 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build (or find cached) a Dr.LLM checkpoint")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--out", default=None, help="checkpoint directory (default: cache)")
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--model", default="smollm2-135m-instruct", help="a built-in model")
+    base.add_argument("--base", default=None, metavar="DIR", help="instead: any local "
+                      "Hugging Face causal LM (Llama, Qwen2, Qwen3; config.json, "
+                      "safetensors, tokenizer)")
+    base.add_argument("--gguf", default=None, metavar="FILE", help="instead: a GGUF file "
+                      "(Llama, Qwen2, Qwen3), de-quantized to fp32 with transformers")
+    p.add_argument("--routers", default=None, metavar="FILE|DIR",
+                   help="a routers.safetensors, or a folder with it and card.json as "
+                   "`drllm train` writes (default: the shipped ones for --model, else "
+                   "fresh routers marked untrained)")
+    p.add_argument("--out", default=None, help="checkpoint directory (default: "
+                   "<cache>/checkpoints/<name>-drllm, name = model, folder or GGUF stem)")
     p.add_argument("--allow", default="derived", choices=["derived", "all"],
                    help="derived (default): routers skip and repeat only at the layers "
                    "the search labels allow; all: every layer may skip and repeat (what "
@@ -175,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "What is 7 times 8?",
     ])
     g.add_argument("--model", default="smollm2-135m-instruct")
-    g.add_argument("--checkpoint", default=None, help="a Dr.LLM checkpoint directory")
+    g.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     g.add_argument("--mode", default="routed", choices=["routed", "full", "schedule"])
     g.add_argument("--schedule", default=None, help="JSON list of L actions (0/1/2)")
     g.add_argument("--bias", type=float, default=0.0, help="post-hoc knob in [-1, 1]")
@@ -190,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                        "run `vllm serve` on it. Every option not listed here goes to "
                        "`vllm serve` as given, e.g. --port 8001 --gpu-memory-utilization 0.3.")
     s.add_argument("--model", default="smollm2-135m-instruct")
-    s.add_argument("--checkpoint", default=None, help="a Dr.LLM checkpoint directory")
+    s.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", add_help=False, help="throughput against plain vLLM "
@@ -199,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
     m = sub.add_parser("search", help="MCTS supervision: layer paths scored by the engine")
     m.add_argument("--model", default="smollm2-135m-instruct")
+    m.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     m.add_argument("--tasks", default="arc_easy,arc_challenge,arithmetic")
     m.add_argument("--limit", type=int, default=None, help="examples in all (default: all)")
     m.add_argument("--simulations", type=int, default=50)
@@ -209,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--dtype", default=None, help=DTYPE_HELP)
     m.add_argument("--format", default=None, choices=FORMATS,
                    help="prompt format (default: each task's own, as the shipped routers)")
-    m.add_argument("--out", default=None, help="JSONL (default router_weights/<model>/"
+    m.add_argument("--out", default=None, help="JSONL (default router_weights/<name>/"
                    "search.jsonl, or search_<format>.jsonl with --format)")
     m.add_argument("--compare-speed", type=int, default=0, metavar="N",
                    help="instead: paths/s, engine batches vs reference one at a time, N examples")
@@ -218,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t = sub.add_parser("train", help="train routers on search labels (focal loss)")
     t.add_argument("--model", default="smollm2-135m-instruct")
+    t.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     t.add_argument("--search", default=None, help="search JSONL (default: shipped one)")
-    t.add_argument("--out", default=None, help="directory (default router_weights/<model>)")
+    t.add_argument("--out", default=None, help="directory (default router_weights/<name>)")
     t.add_argument("--epochs", type=int, default=25)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
@@ -227,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
 
     e = sub.add_parser("eval", help="base vs routed vs static pruning on the test splits")
     e.add_argument("--model", default="smollm2-135m-instruct")
-    e.add_argument("--checkpoint", default=None)
+    e.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     e.add_argument("--limit-in", type=int, default=200,
                    help="examples per in-domain task (a seeded random subset)")
     e.add_argument("--limit-out", type=int, default=100,
@@ -245,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--save", action="store_true",
                    help="with --chat-check: write <--out>_chat_check.json")
     e.add_argument("--dtype", default=None, help=DTYPE_HELP)
-    e.add_argument("--out", default="benchmarks/results/eval_smollm2-135m-instruct",
-                   help="results file stem")
+    e.add_argument("--out", default=None,
+                   help="results file stem (default benchmarks/results/eval_<name>)")
     e.set_defaults(func=cmd_eval)
 
     args, rest = parser.parse_known_args(argv)

@@ -82,31 +82,40 @@ def tokenizer(dr_llm):
     return dr_llm.get_tokenizer()
 
 
-def random_qwen2_checkpoint(tmp_path_factory, checkpoint, name: str, *, layers: int,
-                            hidden: int, heads: int, kv_heads: int,
-                            repeat_layers: tuple[int, ...]):
-    """A Dr.LLM checkpoint of a random-weight Qwen2 (fp32, the default model's
-    tokenizer, routers initialised with seed 1), written under pytest's tmp dir."""
+def random_base(tmp_path_factory, checkpoint, name: str, *, family: str, layers: int,
+                hidden: int, heads: int, kv_heads: int):
+    """A plain Hugging Face folder of a random-weight causal LM of `family`
+    (a transformers model type: llama, qwen2, qwen3; fp32 safetensors, the
+    default model's tokenizer), written under pytest's tmp dir."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from drllm_vllm.checkpoint import init_routers, write_dr_checkpoint
-    from drllm_vllm.config import DrConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, tie_word_embeddings=True,
+        head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=True,
         initializer_range=0.2,  # large weights: well separated logits, no argmax ties
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     base = tmp_path_factory.mktemp(f"{name}-base")
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(base)
+    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(base)
     tok.save_pretrained(base)
+    return base
+
+
+def random_qwen2_checkpoint(tmp_path_factory, checkpoint, name: str, *, layers: int,
+                            hidden: int, heads: int, kv_heads: int,
+                            repeat_layers: tuple[int, ...]):
+    """A Dr.LLM checkpoint of a random-weight Qwen2 (`random_base`; routers
+    initialised with seed 1), written under pytest's tmp dir."""
+    from drllm_vllm.checkpoint import init_routers, write_dr_checkpoint
+    from drllm_vllm.config import DrConfig
+
+    base = random_base(tmp_path_factory, checkpoint, name, family="qwen2", layers=layers,
+                       hidden=hidden, heads=heads, kv_heads=kv_heads)
     return write_dr_checkpoint(
         base, tmp_path_factory.mktemp(name) / "dr", init_routers(layers, hidden, 128, seed=1),
         DrConfig(repeat_layers=repeat_layers),
     )
-

@@ -207,27 +207,37 @@ def test_default_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
 
 def test_prepare_rebuilds_a_cached_checkpoint_whose_drllm_block_is_stale(tmp_path, monkeypatch):
     import json
+    import os
 
     from drllm_vllm import checkpoint as ck
 
     model = "smollm2-135m-instruct"
     monkeypatch.setenv("DRLLM_CACHE", str(tmp_path))
-    base = tmp_path / "base-model"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "hidden_size": 576}))
+    base = tmp_path / "base" / model  # as de-quantized before: not again
+    base.mkdir(parents=True)
+    plain = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30, "hidden_size": 576}
+    (base / "config.json").write_text(json.dumps(plain))
+    (base / "model.safetensors").write_bytes(b"")
+    (base / "tokenizer.json").write_text("{}")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
     written = []
-    monkeypatch.setattr(ck, "fetch_gguf", lambda src, root: None)
-    monkeypatch.setattr(ck, "dequantize", lambda gguf, out, sha: base)
+    monkeypatch.setattr(ck, "fetch_gguf", lambda src, root: gguf)
+    monkeypatch.setattr(ck, "dequantize", lambda gguf, out, sha: pytest.fail("de-quantized"))
     monkeypatch.setattr(ck, "write_dr_checkpoint", lambda b, o, r, drllm: written.append(drllm))
     out = tmp_path / "checkpoints" / f"{model}-drllm"
     out.mkdir(parents=True)
+    os.link(base / "model.safetensors", out / "model.safetensors")
 
     def cache(block):
-        (out / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "drllm": block}))
+        (out / "config.json").write_text(json.dumps({**plain, "drllm": block}))
 
-    fresh = ck.drllm_block(model, ck.shipped_routers(model), "derived", 30).model_dump(mode="json")
+    fresh = ck.drllm_block(ck.shipped_routers(model), "derived", 30).model_dump(mode="json")
     cache(fresh)
     assert ck.prepare(model) == out and written == []  # up to date: reused
+    (base / "model.safetensors").unlink()  # another base model under the same name
+    (base / "model.safetensors").write_bytes(b"other weights")
+    assert ck.prepare(model) == out and len(written) == 1
     # as written before skip_layers existed: every layer may repeat
     cache({k: v for k, v in fresh.items() if k != "skip_layers"} | {"repeat_layers": list(range(30))})
     assert ck.prepare(model) == out

