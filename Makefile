@@ -3,6 +3,7 @@
 #   make run      the main job: prepare the default model and serve it (OpenAI API, drllm serve;
 #                 ARGS="..." go to vllm serve)
 #   make test     set-up, then the test suite (what .ci/run calls)
+#   make test-qwen-coder   the second built-in model end to end (not in CI: minutes on 2 cores)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.drllm-setup-done
 
-.PHONY: setup prepare run test kernels-test clean
+.PHONY: setup prepare run test test-qwen-coder kernels-test clean
 
 setup: $(STAMP)
 
@@ -39,6 +40,12 @@ test: setup
 	$(VENV)/bin/drllm prepare
 	@echo "== running the test suite on CPU against the real vLLM engine"
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-qwen-coder: setup
+	@echo "== preparing Qwen2.5-Coder-0.5B-Instruct, every layer allowed (cached after the first run)"
+	$(VENV)/bin/drllm prepare --model qwen2.5-coder-0.5b-instruct --allow all
+	@echo "== full mode vs plain vLLM, forced schedules vs the oracle (fp32, eager)"
+	DRLLM_TEST_QWEN_CODER=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_qwen_coder.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -286,3 +286,15 @@ def test_cpu_kv_cache_fits_the_model_and_the_free_memory():
     # long contexts ask for four sequences; head_dim from hidden size when absent
     cfg2 = {k: v for k, v in cfg.items() if k != "drllm"}
     assert default_kv_cache_bytes(cfg2, 4, 65536, 2**40)[1] == 4 * 65536
+
+
+def test_scoring_step_keeps_prompt_logits_under_the_budget():
+    from drllm_vllm.pipeline.scoring import PROMPT_LOGITS_PER_STEP, step_tokens
+
+    assert step_tokens(49_152) == 4096  # SmolLM2: unchanged
+    assert step_tokens(151_936) == 1024  # Qwen2.5: 4096 ran the worker out of memory
+    assert step_tokens(10**9) == 512  # the floor
+    for vocab in (32_000, 49_152, 151_936, 262_144):
+        n = step_tokens(vocab)
+        assert n * vocab <= PROMPT_LOGITS_PER_STEP or n == 512
+        assert n == 4096 or 2 * n * vocab > PROMPT_LOGITS_PER_STEP

@@ -19,6 +19,22 @@ from ..schedule import Schedule, layer_applications
 from .tasks import Example, continuation_logprob, encode, per_char, pick, route_span
 
 ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
+# prompt log-probs hold a few fp32 [step tokens, vocab] tensors at once: a step
+# of 4096 tokens over Qwen2.5's 151,936-token vocabulary (2.5 GB each) ran the
+# worker out of memory on a 23 GB machine, so a step's logits stay under this
+PROMPT_LOGITS_PER_STEP = 1 << 28
+
+
+def step_tokens(vocab_size: int, most: int = ENGINE_DEFAULTS["max_num_batched_tokens"]) -> int:
+    """Tokens per engine step for scoring: the largest power of two (at most
+    `most`, at least 512) whose logits fit PROMPT_LOGITS_PER_STEP floats.
+    4096 for SmolLM2's 49,152-token vocabulary, 1024 for Qwen2.5's."""
+    n = most
+    while n > 512 and n * vocab_size > PROMPT_LOGITS_PER_STEP:
+        n //= 2
+    return n
+
+
 @dataclass(frozen=True)
 class Scored:
     pred: int
@@ -38,9 +54,13 @@ def make_engine(checkpoint: str, dtype: str | None = None, **overrides):
     # of 23.5 GiB measured), and prompt log-probs over 4096 tokens x 49k vocab
     # then run the worker out of memory. 4 GiB holds ~90k tokens here.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    import json
+    from pathlib import Path
 
+    vocab = json.loads((Path(checkpoint) / "config.json").read_text())["vocab_size"]
+    sized = {**ENGINE_DEFAULTS, "max_num_batched_tokens": step_tokens(vocab)}
     return LLM(model=str(checkpoint), dtype=dtype or default_dtype(), seed=0,
-               **{**ENGINE_DEFAULTS, **overrides})
+               **{**sized, **overrides})
 
 
 class Scorer:

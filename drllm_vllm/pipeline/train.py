@@ -145,21 +145,24 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
 
     from . import tasks
     from .reference import Reference
+    from .search import record_format
 
     store = torch.load(cache) if cache.exists() else {}
     todo = [r for r in records if _key(r) not in store]
     if todo:
         ref = Reference(checkpoint)
         tok = AutoTokenizer.from_pretrained(checkpoint)
-        by_task: dict[str, dict[int, tasks.Example]] = {}
+        examples: dict[tuple[str, str], dict[int, tasks.Example]] = {}
         for r in tqdm(todo, desc="features (reference forward)", unit="ex"):
-            if r["task"] not in by_task:
-                by_task[r["task"]] = {e.doc_id: e for e in tasks.load(r["task"], "search")}
-            if tasks.shots_for(r["task"]) != r.get("shots", 0):
+            k = (r["task"], record_format(r))
+            if k not in examples:
+                examples[k] = {e.doc_id: e for e in tasks.load(k[0], "search", format=k[1])}
+            shots = 5 if tasks.format_for(*k) == "five-shot" else 0
+            if shots != r.get("shots", 0):
                 raise ValueError(f"search record {r['task']} doc {r['doc_id']} was searched "
-                                 f"{r.get('shots', 0)}-shot; tasks now use "
-                                 f"{tasks.shots_for(r['task'])}-shot")
-            e = by_task[r["task"]][r["doc_id"]]
+                                 f"{r.get('shots', 0)}-shot; its format {k[1]} is now "
+                                 f"{shots}-shot")
+            e = examples[k][r["doc_id"]]
             ids, shared = tasks.encode(tok, e)
             start, end = tasks.route_span(tok, e, ids[0], shared)
             pooled: list[torch.Tensor] = []
