@@ -199,7 +199,8 @@ def drllm_block(model: str, shipped: tuple[dict, dict] | None, allow: str,
     """The `drllm` block `prepare` writes for these routers and allow mode.
 
     Trained routers in "derived" mode get their skip and repeat layers from
-    the search labels beside them (`schedule.allowed_layers`, re-applied on
+    the labels they trained on (every search file the card names, through
+    its label filter: `labels.card_labels`; `schedule.allowed_layers`, re-applied on
     every prepare, so a new rule or new labels rebuild the checkpoint), with
     the rule and its inputs recorded in the router card under "allow".
     Untrained routers (no labels yet), and "all" mode, allow every action."""
@@ -212,20 +213,23 @@ def drllm_block(model: str, shipped: tuple[dict, dict] | None, allow: str,
         return DrConfig(**fields, skip_layers=None, repeat_layers=tuple(range(num_layers)),
                         trained=shipped is not None, router_card=card)
     card = _card_for_checkpoint(shipped[1])
-    labels_path = ROUTER_WEIGHTS_DIR / model / card.get("search", {}).get("file", "search.jsonl")
-    if labels_path.is_file():
-        from .schedule import allowed_layers
-        from .pipeline.search import read_records
+    from .pipeline.labels import card_labels
 
-        rule = allowed_layers([r["best"] for r in read_records(labels_path)
-                               if r.get("best") is not None], num_layers)
+    labels = card_labels(ROUTER_WEIGHTS_DIR / model, card)
+    if labels is not None:
+        from .schedule import allowed_layers
+
+        rule = allowed_layers([r["best"] for r in labels], num_layers)
     elif "skip_layers" in card["drllm"] and "allow" in card:  # as `drllm train` derived it
         rule = card["allow"]
     else:
+        search = card.get("search", {})
         raise ValueError(
             f"cannot derive which layers may skip or repeat: the search labels "
-            f"{labels_path} (named by card.json's search.file) are missing and the card "
-            f"has no drllm.skip_layers; put the labels there or re-run `drllm train`"
+            f"{search.get('files') or search.get('file', 'search.jsonl')} (named by "
+            f"card.json's search.files), or the label scores its label filter needs, are "
+            f"missing from {ROUTER_WEIGHTS_DIR / model} and the card has no "
+            f"drllm.skip_layers; put the labels there or re-run `drllm train`"
         )
     card["allow"] = rule
     return DrConfig(**_shape_fields(card), skip_layers=rule["skip_layers"],

