@@ -110,7 +110,7 @@ def cmd_search(args) -> None:
         return
     if args.rescore_labels:
         from .pipeline.labels import SCORES_FILE, rescore
-        from .pipeline.train import load_records
+        from .pipeline.search import load_records
 
         files = _search_paths(args.model, None)
         rescore(scorer, load_records(files), _model_dir(args.model) / SCORES_FILE)

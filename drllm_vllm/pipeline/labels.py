@@ -135,7 +135,7 @@ def card_labels(model_dir: Path, card: dict) -> list[dict] | None:
     every search file it names (`search.files`, or `search.file` in cards
     written before several files) through its label filter (`labels.filter`,
     with the scores beside them). None when a file it needs is missing."""
-    from .search import read_records
+    from .search import load_records
 
     search = card.get("search", {})
     files = [model_dir / n for n in search.get("files") or [search.get("file", "search.jsonl")]]
@@ -143,6 +143,6 @@ def card_labels(model_dir: Path, card: dict) -> list[dict] | None:
     scores_path = model_dir / (card.get("labels") or {}).get("scores_file", SCORES_FILE)
     if not all(p.is_file() for p in files) or (spec and not scores_path.is_file()):
         return None
-    records = [r for p in files for r in read_records(p)]
+    records = load_records(files)
     f = LabelFilter(**spec) if spec else None
     return keep(records, read_scores(scores_path) if f else None, f)[0]

@@ -148,26 +148,6 @@ def labelled(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("best") is not None]
 
 
-def load_records(paths: list[Path]) -> list[dict]:
-    """The records of several search files, each with its prompt format
-    ("format", filled in for records written before formats) and its file
-    ("file"). One (task, doc, format) in two files is refused: it would be
-    trained on twice."""
-    from .search import read_records, record_format
-
-    out, seen = [], {}
-    for p in paths:
-        for r in read_records(Path(p)):
-            r = {**r, "format": record_format(r), "file": Path(p).name}
-            k = (r["task"], r["doc_id"], r["format"])
-            if k in seen:
-                raise ValueError(f"{r['task']} doc {r['doc_id']} ({r['format']}) is in both "
-                                 f"{seen[k]} and {r['file']}; keep one of them")
-            seen[k] = r["file"]
-            out.append(r)
-    return out
-
-
 def compute_features(checkpoint: Path, records: list[dict], cache: Path):
     """Teacher-forced window means [N, L, W, d] (fp16), window mask [N, W],
     labels [N, L]; cached in `cache`, extended incrementally."""
@@ -307,7 +287,7 @@ def train_and_ship(checkpoint: Path, model: str, search_paths: list[Path], out: 
     from ..checkpoint import BASE_MODELS, cache_dir
     from ..schedule import allowed_layers
     from .labels import SCORES_FILE, keep, read_scores
-    from .search import summarise
+    from .search import load_records, summarise
 
     search_paths = [Path(p) for p in search_paths]
     records = load_records(search_paths)
