@@ -161,6 +161,7 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
     store = torch.load(cache) if cache.exists() else {}
     todo = [r for r in records if _key(r) not in store]
     if todo:
+        cache.parent.mkdir(parents=True, exist_ok=True)  # saved every 100 examples
         ref = Reference(checkpoint)
         tok = AutoTokenizer.from_pretrained(checkpoint)
         examples: dict[tuple[str, str], dict[int, tasks.Example]] = {}
@@ -181,7 +182,6 @@ def compute_features(checkpoint: Path, records: list[dict], cache: Path):
             store[_key(r)] = torch.stack(pooled).half()
             if len(store) % 100 == 0:
                 torch.save(store, cache)
-        cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(store, cache)
     feats = [store[_key(r)] for r in records]
     W = max(f.shape[1] for f in feats)
