@@ -273,6 +273,9 @@ def test_focal_loss_and_class_weights_by_hand():
     assert loss.item() == pytest.approx(2 * 0.4 ** 2 * -math.log(0.6), rel=1e-6)  # 0.163464
     f1, recall = per_class(torch.tensor([1, 1, 0, 2]), torch.tensor([1, 0, 0, 2]))
     assert recall == [0.5, 1.0, 1.0] and f1 == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    # a class the labels never use is not averaged in; predicting it costs recall
+    f1, recall = per_class(torch.tensor([1, 2, 0, 0]), torch.tensor([1, 1, 0, 0]))
+    assert recall == [1.0, 0.5, None] and f1 == pytest.approx((1 + 2 / 3) / 2)
 
 
 def test_training_on_a_small_cached_set_reduces_the_loss():
