@@ -288,7 +288,8 @@ def drllm_block(routers: Routers | None, allow: str, num_layers: int) -> DrConfi
     """The `drllm` block `prepare` writes for these routers and allow mode.
 
     Trained routers in "derived" mode get their skip and repeat layers from
-    the search labels beside them (`schedule.allowed_layers`, re-applied on
+    the labels they trained on (every search file the card names, through
+    its label filter: `labels.card_labels`; `schedule.allowed_layers`, re-applied on
     every prepare, so a new rule or new labels rebuild the checkpoint), with
     the rule and its inputs recorded in the router card under "allow".
     Untrained routers (no labels yet), and "all" mode, allow every action."""
@@ -298,19 +299,21 @@ def drllm_block(routers: Routers | None, allow: str, num_layers: int) -> DrConfi
         return every_layer(block, num_layers, "untrained routers: no search labels"
                            if routers is None else "drllm prepare --allow all")
     card = _card_for_checkpoint(routers.card)
-    search_file = card.get("search", {}).get("file", "search.jsonl")
-    labels_path = routers.home / search_file if routers.home else None
-    if labels_path is not None and labels_path.is_file():
-        from .schedule import allowed_layers
-        from .pipeline.search import read_records
+    from .pipeline.labels import card_labels
 
-        rule = allowed_layers([r["best"] for r in read_records(labels_path)
-                               if r.get("best") is not None], num_layers)
+    labels = card_labels(routers.home, card) if routers.home else None
+    if labels is not None:
+        from .schedule import allowed_layers
+
+        rule = allowed_layers([r["best"] for r in labels], num_layers)
     elif "skip_layers" in card["drllm"] and "allow" in card:  # as `drllm train` derived it
         rule = card["allow"]
     else:
-        where = (f"the search labels {labels_path} (named by card.json's search.file) are "
-                 f"missing and the card has no drllm.skip_layers" if labels_path else
+        search = card.get("search", {})
+        where = (f"the search labels {search.get('files') or search.get('file', 'search.jsonl')} "
+                 f"(named by card.json's search.files), or the label scores its label filter "
+                 f"needs, are missing from {routers.home} and the card has no "
+                 f"drllm.skip_layers" if routers.home else
                  f"{card['source']} has no card.json beside it")
         raise ValueError(
             f"cannot derive which layers may skip or repeat: {where}; put the labels "

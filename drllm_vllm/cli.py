@@ -134,6 +134,13 @@ def cmd_search(args) -> None:
     if args.compare_speed:
         speed_comparison(scorer, checkpoint, args.compare_speed, Path(args.speed_out))
         return
+    if args.rescore_labels:
+        from .pipeline.labels import SCORES_FILE, rescore
+        from .pipeline.search import load_records
+
+        files = _search_paths(name, None)
+        rescore(scorer, load_records(files), _model_dir(name) / SCORES_FILE)
+        return
     file = "search.jsonl" if args.format is None else f"search_{args.format}.jsonl"
     out = Path(args.out or _model_dir(name) / file)
     run_search(scorer, out, args.tasks.split(","), args.limit,
@@ -147,10 +154,34 @@ def cmd_train(args) -> None:
 
     from .pipeline.train import TrainConfig, train_and_ship
 
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    from .pipeline.labels import LabelFilter
+
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
+                      patience=args.patience or None)
+    label_filter = (None if args.label_filter == "none"
+                    else LabelFilter(min_margin=args.min_margin, tolerance=args.tolerance))
     checkpoint, name = checkpoint_of(args)
-    search = Path(args.search or _model_dir(name) / "search.jsonl")
-    train_and_ship(checkpoint, name, search, Path(args.out or _model_dir(name)), cfg)
+    train_and_ship(checkpoint, name, _search_paths(name, args.search),
+                   Path(args.out or _model_dir(name)), cfg, label_filter)
+
+
+def _search_paths(name: str, names: str | None) -> list:
+    """--search FILE[,FILE] (a bare name is looked up beside the routers), or
+    every search*.jsonl of the model `name`."""
+    from pathlib import Path
+
+    from .pipeline.search import search_files
+
+    if names is None:
+        files = search_files(_model_dir(name))
+    else:
+        files = [Path(n) if Path(n).exists() or "/" in n else _model_dir(name) / n
+                 for n in names.split(",")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise ValueError(f"search files {missing or 'search*.jsonl'} not found (in "
+                         f"{_model_dir(name)}); run `drllm search` or name them with --search")
+    return files
 
 
 def cmd_eval(args) -> None:
@@ -175,7 +206,7 @@ def cmd_eval(args) -> None:
     from .pipeline.evaluate import main as run
 
     run(checkpoint, name, args.limit_in, args.limit_out, biases, args.generation,
-        Path(stem), args.dtype, args.format, args.seed)
+        Path(stem), args.dtype, args.format, args.seed, args.static)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,12 +282,25 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--compare-speed", type=int, default=0, metavar="N",
                    help="instead: paths/s, engine batches vs reference one at a time, N examples")
     m.add_argument("--speed-out", default="benchmarks/results/search_speed.json")
+    m.add_argument("--rescore-labels", action="store_true",
+                   help="score every label path of the search files, and the full model, for "
+                   "the label filter (router_weights/<model>/label_scores.jsonl; resumable)")
     m.set_defaults(func=cmd_search)
 
     t = sub.add_parser("train", help="train routers on search labels (focal loss)")
     t.add_argument("--model", default="smollm2-135m-instruct")
     t.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
-    t.add_argument("--search", default=None, help="search JSONL (default: shipped one)")
+    t.add_argument("--search", default=None, help="search JSONL files, comma-separated "
+                   "(default: every router_weights/<name>/search*.jsonl)")
+    t.add_argument("--label-filter", default="margin", choices=["margin", "none"],
+                   help="margin: train only on robust labels (labels.robust; needs "
+                   "`drllm search --rescore-labels`); none: every label")
+    t.add_argument("--min-margin", type=float, default=0.05,
+                   help="gold over best wrong choice under the path, nats per character")
+    t.add_argument("--tolerance", type=float, default=0.05,
+                   help="largest drop of that margin versus the full model")
+    t.add_argument("--patience", type=int, default=5,
+                   help="stop after this many epochs without a better val F1 (0: never)")
     t.add_argument("--out", default=None, help="directory (default router_weights/<name>)")
     t.add_argument("--epochs", type=int, default=25)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -277,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="prompt format of every task (default: as searched and trained, "
                    "zero-shot except five-shot arithmetic)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
+    e.add_argument("--no-static", dest="static", action="store_false",
+                   help="leave out the static pruning rows (e.g. to compare two routers)")
     e.add_argument("--chat-check", action="store_true",
                    help="instead: full vs routed (each of --biases) greedy chat answers to "
                    "known questions; accuracy, degenerate answers, layers")

@@ -134,6 +134,93 @@ def test_reward_needs_the_gold_to_keep_its_likelihood():
     assert reward(right, full, tolerance=0.01) == 0.0
 
 
+# ---------------------------------------------------------------- labels
+
+def test_label_filter_keeps_only_right_answers_with_room_to_spare():
+    from drllm_vllm.pipeline.labels import LabelFilter, keep, margin, robust
+
+    f = LabelFilter(min_margin=0.05, tolerance=0.05)
+    assert margin([-0.9, -1.0, -1.3], 0) == pytest.approx(0.1)
+    assert margin([-0.9, -1.0, -1.3], 2) == pytest.approx(-0.4)
+    full_wrong = [-1.00, -0.98, -1.5]  # gold 0 loses by 0.02
+    assert robust(full_wrong, [-0.90, -1.00, -1.4], 0, f)  # now wins by 0.10: kept
+    assert not robust(full_wrong, [-0.99, -1.00, -1.4], 0, f)  # wins by 0.01: luck
+    full_right = [-0.70, -1.00, -1.5]  # gold wins by 0.30
+    assert robust(full_right, [-0.72, -0.98, -1.5], 0, f)  # 0.26: lost 0.04, within 0.05
+    assert not robust(full_right, [-0.80, -0.95, -1.5], 0, f)  # 0.15: lost 0.15
+    assert not robust(full_right, [-0.80, -0.95, -1.5], 0, LabelFilter(0.05, tolerance=0.1))
+    assert robust(full_right, [-0.80, -0.95, -1.5], 0, LabelFilter(0.05, tolerance=0.2))
+
+    def rec(doc, fmt, improved, best=(1, 0, 1)):
+        return {"task": "arc_easy", "doc_id": doc, "format": fmt, "best": list(best),
+                "default_correct": not improved}
+
+    def row(r, full, path):
+        return {(r["task"], r["doc_id"], r["format"], tuple(r["best"])):
+                {"gold": 0, "full_scores": full, "path_scores": path}}
+
+    records = [rec(1, "zero-shot", True), rec(2, "zero-shot", False), rec(3, "chat", True),
+               {**rec(4, "chat", True), "best": None}]  # unlabelled: never trained on
+    scores = {**row(records[0], full_wrong, [-0.90, -1.00, -1.4]),
+              **row(records[1], full_right, [-0.80, -0.95, -1.5]),
+              **row(records[2], full_wrong, [-0.99, -1.00, -1.4])}
+    kept, counts = keep(records, scores, f)
+    assert [r["doc_id"] for r in kept] == [1]
+    assert counts == {"zero-shot": {"labelled": 2, "kept": 1, "improved": 1, "improved_kept": 1},
+                      "chat": {"labelled": 1, "kept": 0, "improved": 1, "improved_kept": 0}}
+    assert [r["doc_id"] for r in keep(records, None, None)[0]] == [1, 2, 3]  # no filter
+    with pytest.raises(ValueError, match="1 of 3 labels have no scores.*--rescore-labels"):
+        keep(records, {k: v for k, v in scores.items() if k[1] != 3}, f)
+
+
+def test_training_reads_every_search_file_in_its_own_format(tmp_path):
+    import json
+
+    from drllm_vllm.pipeline.labels import SCORES_FILE, card_labels
+    from drllm_vllm.pipeline.search import load_records, search_files
+    from drllm_vllm.pipeline.train import is_validation
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    L1, L2 = [1, 0, 1], [0, 1, 1]
+    old = [{"task": "arc_easy", "doc_id": 1, "shots": 0, "default_correct": True, "best": L1},
+           {"task": "arithmetic", "doc_id": 2, "shots": 5, "default_correct": False, "best": L2},
+           {"task": "arc_easy", "doc_id": 3, "shots": 0, "default_correct": False, "best": None}]
+    chat = [{"task": "arc_easy", "doc_id": 1, "format": "chat", "shots": 0,
+             "default_correct": False, "best": L2}]
+    write("search.jsonl", old)
+    write("search_chat.jsonl", chat)
+    write(SCORES_FILE, [{"task": "arc_easy", "doc_id": 1, "format": "zero-shot", "best": L1,
+                         "gold": 0, "full_scores": [-1, -2], "path_scores": [-1, -2]},
+                        {"task": "arithmetic", "doc_id": 2, "format": "five-shot", "best": L2,
+                         "gold": 1, "full_scores": [-1, -2], "path_scores": [-1.5, -1.49]},
+                        {"task": "arc_easy", "doc_id": 1, "format": "chat", "best": L2,
+                         "gold": 0, "full_scores": [-2, -1], "path_scores": [-1, -2]}])
+    files = search_files(tmp_path)
+    assert [f.name for f in files] == ["search.jsonl", "search_chat.jsonl"]  # not the scores
+    records = load_records(files)
+    # records without a format were searched in their task's default
+    assert [(r["task"], r["format"], r["file"]) for r in records] == [
+        ("arc_easy", "zero-shot", "search.jsonl"), ("arithmetic", "five-shot", "search.jsonl"),
+        ("arc_easy", "zero-shot", "search.jsonl"), ("arc_easy", "chat", "search_chat.jsonl")]
+    with pytest.raises(ValueError, match="arc_easy doc 1 .chat. is in both search_chat.jsonl"):
+        load_records(files + [tmp_path / "search_chat.jsonl"])
+    # a card naming one file (written before several) derives from that file alone
+    assert [r["best"] for r in card_labels(tmp_path, {"search": {"file": "search.jsonl"}})] == [L1, L2]
+    both = {"search": {"files": ["search.jsonl", "search_chat.jsonl"]}}
+    assert [r["best"] for r in card_labels(tmp_path, both)] == [L1, L2, L2]
+    filtered = {**both, "labels": {"filter": {"min_margin": 0.05, "tolerance": 0.05},
+                                   "scores_file": SCORES_FILE}}
+    assert [(r["doc_id"], r["format"]) for r in card_labels(tmp_path, filtered)] == [
+        (1, "zero-shot"), (1, "chat")]  # arithmetic won by 0.01: dropped
+    assert card_labels(tmp_path, {"search": {"files": ["search_gone.jsonl"]}}) is None
+    # the hold-out is by example, so a question's formats share a side; seeded
+    assert is_validation("arc_easy", 7, 0.5) == is_validation("arc_easy", 7, 0.5, seed=0)
+    sides = [[is_validation("arc_easy", d, 0.5, seed=s) for d in range(200)] for s in (0, 1)]
+    assert sides[0] != sides[1] and 60 < sum(sides[1]) < 140
+
+
 def run_to_end(search: Search, reward) -> Search:
     while (p := search.pending()) is not None:
         search.report(p, reward(p))
@@ -186,6 +273,9 @@ def test_focal_loss_and_class_weights_by_hand():
     assert loss.item() == pytest.approx(2 * 0.4 ** 2 * -math.log(0.6), rel=1e-6)  # 0.163464
     f1, recall = per_class(torch.tensor([1, 1, 0, 2]), torch.tensor([1, 0, 0, 2]))
     assert recall == [0.5, 1.0, 1.0] and f1 == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    # a class the labels never use is not averaged in; predicting it costs recall
+    f1, recall = per_class(torch.tensor([1, 2, 0, 0]), torch.tensor([1, 1, 0, 0]))
+    assert recall == [1.0, 0.5, None] and f1 == pytest.approx((1 + 2 / 3) / 2)
 
 
 def test_training_on_a_small_cached_set_reduces_the_loss():
@@ -197,12 +287,15 @@ def test_training_on_a_small_cached_set_reduces_the_loss():
     y = (base[..., 0, 0] > -0.5).long() + (base[..., 0, 1] > 0.5).long()  # 0/1/2
     mask = torch.ones(N, W, dtype=torch.bool)
     val = torch.arange(N) % 6 == 0
-    cfg = TrainConfig(epochs=30, batch_size=16, warmup_steps=10, lr=3e-3)
+    cfg = TrainConfig(epochs=30, batch_size=16, warmup_steps=10, lr=3e-3, patience=None)
     untrained = StackedRouters(L, d, 32)
     untrained.set_input_stats(x[~val], mask[~val])
     alpha = class_weights(torch.bincount(y[~val].flatten(), minlength=3))
     before = focal_loss(untrained(x[~val], mask[~val]).reshape(-1, 3), y[~val].flatten(), alpha)
-    model, history = train(x.half(), mask, y, val, cfg, bottleneck=32, log=lambda *_: None)
+    groups = ["zero-shot" if i % 2 else "chat" for i in range(N)]
+    model, history = train(x.half(), mask, y, val, cfg, bottleneck=32, log=lambda *_: None,
+                           groups=groups)
+    assert set(history[0]["val_macro_f1_by_group"]) == {"chat", "zero-shot"}
     after = focal_loss(model(x[~val], mask[~val]).reshape(-1, 3), y[~val].flatten(), alpha)
     assert after.item() < 0.5 * before.item()
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]

@@ -140,10 +140,11 @@ def decision_counts(results, num_layers: int) -> list[list[int]]:
 
 def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | None,
              biases=DEFAULT_BIASES, format: str | None = None, seed: int = 0,
-             influence_prompts: int = 64, log=print) -> dict:
+             influence_prompts: int = 64, static: bool = True, log=print) -> dict:
     """Score base, routed at each bias and static pruning at the routed depths
     on `limit_in` / `limit_out` examples per in-domain / out-of-domain task
     (seeded random subsets; None: all) in `format` (None: each task's default).
+    static=False leaves out the static pruning rows (to compare routers).
     Returns the report: per method its controls, seconds, per-task
     accuracy (%) and layers, and paired differences vs base (points, se)."""
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
@@ -185,6 +186,10 @@ def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | No
         res = run(f"routed bias {p:+.2f}", {"drllm_mode": "routed", "drllm_bias": p})
         if p == 0.0:
             heat = decision_counts(res, L)
+    if not static:
+        return {"methods": methods, "block_influence": None, "heatmap_bias0": heat,
+                "num_layers": L, "formats": formats, "seed": seed,
+                "limits": {"in_domain": limit_in, "out_of_domain": limit_out}}
     search_examples = [e for t in tasks.IN_DOMAIN for e in tasks.load(
         t, "search", influence_prompts // len(tasks.IN_DOMAIN), seed=seed)]
     influence = block_influence(checkpoint, search_examples)
@@ -306,7 +311,7 @@ def provenance(checkpoint: Path) -> dict:
 
 def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | None, biases,
          generation: int, out: Path, dtype: str | None = None, format: str | None = None,
-         seed: int = 0, log=print) -> dict:
+         seed: int = 0, static: bool = True, log=print) -> dict:
     """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
     record the table in the shipped router card when these are its routers."""
     from ..checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
@@ -317,7 +322,7 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
     llm = make_engine(checkpoint, dtype=dtype)
     report = {**provenance(checkpoint), "dtype": dtype}
     report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, format, seed,
-                           log=log))
+                           static=static, log=log))
     if generation:
         report["generation_base"] = generation_baseline(llm, generation, seed=seed)
         log("free-form generation, base model: " + ", ".join(

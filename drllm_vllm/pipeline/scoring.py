@@ -42,6 +42,7 @@ class Scored:
     schedule: Schedule  # the schedule the question ran under
     layer_applications: int
     gold_score: float  # the gold choice's log-probability per character
+    scores: tuple[float, ...] = ()  # every choice's log-probability per character
 
 
 def make_engine(checkpoint: str, dtype: str | None = None, **overrides):
@@ -136,7 +137,7 @@ class Scorer:
                                    f"different schedules {schedules[k]}")
             (sched,) = schedules[k]
             pred = pick(logprobs[k], e.continuations)
-            gold_score = per_char(logprobs[k], e.continuations)[e.gold]
+            scores = tuple(per_char(logprobs[k], e.continuations))
             results.append(Scored(pred, pred == e.gold, sched, layer_applications(sched),
-                                  gold_score))
+                                  scores[e.gold], scores))
         return results

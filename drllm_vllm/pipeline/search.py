@@ -131,10 +131,34 @@ def record_format(r: dict) -> str:
     return r.get("format") or tasks.format_for(r["task"])
 
 
+def search_files(model_dir: Path) -> list[Path]:
+    """A model's search label files: every search*.jsonl beside its routers
+    (search.jsonl, search_chat.jsonl, ...), sorted by name."""
+    return sorted(Path(model_dir).glob("search*.jsonl"))
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    """The records of several search files, each with its prompt format
+    ("format", filled in for records written before formats) and its file
+    ("file"). One (task, doc, format) in two files is refused: it would be
+    trained on twice."""
+    out, seen = [], {}
+    for p in paths:
+        for r in read_records(Path(p)):
+            r = {**r, "format": record_format(r), "file": Path(p).name}
+            k = (r["task"], r["doc_id"], r["format"])
+            if k in seen:
+                raise ValueError(f"{r['task']} doc {r['doc_id']} ({r['format']}) is in both "
+                                 f"{seen[k]} and {r['file']}; keep one of them")
+            seen[k] = r["file"]
+            out.append(r)
+    return out
 
 
 def summarise(records: list[dict], num_layers: int) -> dict:
