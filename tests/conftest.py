@@ -30,6 +30,16 @@ PROMPTS = [
 ]
 
 
+def schedule_of_changes(layers: int, **changes: int) -> tuple[int, ...]:
+    """All-execute schedule of `layers` with changes by name: l3=SKIP, l9=REPEAT."""
+    from drllm_vllm.schedule import EXECUTE
+
+    s = [EXECUTE] * layers
+    for k, v in changes.items():
+        s[int(k[1:])] = v
+    return tuple(s)
+
+
 def make_llm(model: str, **kwargs):
     from vllm import LLM
 

@@ -12,17 +12,14 @@ from vllm import SamplingParams
 from drllm_vllm import schedule_of
 from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
-from .conftest import PROMPTS, make_llm, shutdown
+from .conftest import PROMPTS, make_llm, schedule_of_changes, shutdown
 
 L = 30
 MAX_TOKENS = 6
 
 
 def sched(**changes: int) -> tuple[int, ...]:
-    s = [EXECUTE] * L
-    for k, v in changes.items():
-        s[int(k[1:])] = v
-    return tuple(s)
+    return schedule_of_changes(L, **changes)
 
 
 FORCED = [

@@ -15,7 +15,7 @@ import pytest
 
 from drllm_vllm.schedule import EXECUTE, REPEAT, SKIP
 
-from .conftest import PROMPTS, make_llm, shutdown
+from .conftest import PROMPTS, make_llm, schedule_of_changes, shutdown
 from .test_engine import MAX_TOKENS, forced, params, run
 
 pytestmark = pytest.mark.skipif(
@@ -27,10 +27,7 @@ L = 24
 
 
 def sched(**changes: int) -> tuple[int, ...]:
-    s = [EXECUTE] * L
-    for k, v in changes.items():
-        s[int(k[1:])] = v
-    return tuple(s)
+    return schedule_of_changes(L, **changes)
 
 
 # skip / execute / repeat mixes, one per prompt: first and last layer, runs of
