@@ -2,7 +2,8 @@
 
 The routed layer loop (model.py) branches on data, so it stays in Python;
 what it calls for each (layer, row set) is `LayerGraph`, a torch.compile'd
-`layer(positions, hidden, residual)`:
+`layer(positions, hidden, residual)` whose rows marked `keep` come out as they
+went in (a row that skips the layer while the rest of the batch runs it):
 
 - Traced once by Dynamo, with the token dimension dynamic, and compiled by
   inductor with vLLM's own CPU inductor options (what `vllm serve` uses for
@@ -20,6 +21,12 @@ what it calls for each (layer, row set) is `LayerGraph`, a torch.compile'd
   guards would otherwise be paid 30-60 times a step; vLLM drops them too
   (`TorchCompileWithNoGuardsWrapper`). The input list comes from Dynamo's
   own record of where each graph input came from (its source).
+- When AOT autograd passes those inputs through unchanged (an inference
+  graph: no mutated, duplicated or aliased inputs, checked at compile time),
+  calls also skip its runtime wrappers and run inductor's generated code
+  itself: the wrappers cost about 40 us a call on CPU, paid for every layer.
+- `keep` fuses a skipped row's restore into the layer's last kernel instead of
+  saving and writing back its rows around the call.
 
 Steps in which every row runs every layer do not come here: they call the
 base model's forward, which vLLM compiles whole (`DrModelMixin.forward`).
@@ -33,20 +40,26 @@ from typing import Any
 import torch
 
 # the arguments of `_decoder_layer` that change from call to call
-_PER_CALL = ("positions", "hidden", "residual")
+_PER_CALL = ("positions", "hidden", "residual", "keep")
 
 
-def _decoder_layer(layer, positions, hidden, residual):
-    return layer(positions, hidden, residual)
+def _decoder_layer(layer, positions, hidden, residual, keep):
+    h, r = layer(positions, hidden, residual)
+    # a kept row skips the layer: its stream leaves as it came
+    return torch.where(keep, hidden, h), torch.where(keep, residual, r)
 
 
 class LayerGraph:
-    """`layer(positions, hidden, residual) -> (hidden, residual)`, compiled once
-    for all decoder layers of one model.
+    """`layer(positions, hidden, residual) -> (hidden, residual)` with the rows
+    where `keep` is True passed through unchanged, compiled once for all
+    decoder layers of one model.
 
     Shapes: positions [T] int64; hidden and residual [T, hidden_size] in the
-    model dtype, T any number of tokens >= 1 (the first call fixes nothing but
-    the rank and dtypes). `residual` must be a tensor (zeros before layer 0).
+    model dtype; keep [T, 1] bool; T any number of tokens >= 1 (the first call
+    fixes nothing but the rank and dtypes). `residual` must be a tensor (zeros
+    before layer 0). Kept rows still go through attention, so their KV entries
+    for the layer are written (and, since a request skips a layer for all its
+    tokens, never read).
     The first call traces and compiles (seconds to a minute on 2 cores);
     `compiled` says whether that has happened.
     """
@@ -62,6 +75,7 @@ class LayerGraph:
             options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
         )
         self._graph = None  # the inductor-compiled graph, once traced
+        self._direct = None  # inductor's generated code, when AOT passes inputs through
         self._inputs: list[tuple[str, Any]] | None = None  # how to build its inputs
         self._per_call: list[tuple[int, Any]] = []  # (input index, getter) per call
         self._layer_inputs: dict[tuple[int, int], list] = {}
@@ -70,21 +84,23 @@ class LayerGraph:
     def compiled(self) -> bool:
         return self._graph is not None
 
-    def __call__(self, layer, positions, hidden, residual):
+    def __call__(self, layer, positions, hidden, residual, keep):
         if self._graph is None:
-            for t in (positions, hidden, residual):
+            for t in (positions, hidden, residual, keep):
                 torch._dynamo.mark_dynamic(t, 0)
         if self._inputs is None:  # first call, or inputs of a kind we do not rebuild
-            return self._dynamo(layer, positions, hidden, residual)
+            return self._dynamo(layer, positions, hidden, residual, keep)
         args = list(self._fixed_inputs(layer))
-        per_call = {"positions": positions, "hidden": hidden, "residual": residual}
+        per_call = {"positions": positions, "hidden": hidden, "residual": residual, "keep": keep}
         for i, get in self._per_call:
             args[i] = get(per_call)
+        if self._direct is not None:
+            return tuple(self._direct(args))
         return tuple(self._graph(*args))
 
     # -- compilation ----------------------------------------------------------
     def _backend(self, gm: torch.fx.GraphModule, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         self._inputs = _input_plan(gm)
         if self._inputs is not None:
@@ -92,8 +108,20 @@ class LayerGraph:
                 (i, eval(f"lambda L: {src}"))  # noqa: S307 - Dynamo's own source text
                 for i, (kind, src) in enumerate(self._inputs) if kind == "per_call"
             ]
-        with torch._inductor.config.patch(self.options):
-            self._graph = compile_fx(gm, example_inputs)
+        inner: dict[str, Any] = {}
+
+        def compile_inner(aot_gm, aot_inputs, **kwargs):
+            inner["code"] = out = compile_fx_inner(aot_gm, aot_inputs, **kwargs)
+            inner["inputs"] = sum(n.op == "placeholder" for n in aot_gm.graph.nodes)
+            inner["outputs"] = len(next(iter(aot_gm.graph.find_nodes(op="output"))).args[0])
+            return out
+
+        # AOT autograd's own cache would hand back its wrapped function without
+        # calling `compile_inner`; inductor's FX graph cache still serves the code
+        with torch._inductor.config.patch(self.options), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            self._graph = compile_fx(gm, example_inputs, inner_compile=compile_inner)
+        self._direct = _direct_call(inner, gm) if self._inputs is not None else None
         return self._graph
 
     def _fixed_inputs(self, layer) -> list:
@@ -114,6 +142,18 @@ class LayerGraph:
             ]
             self._layer_inputs[key] = got
         return got
+
+
+def _direct_call(inner: dict, gm: torch.fx.GraphModule):
+    """Inductor's generated `call(args)` for the graph AOT autograd handed it,
+    when that graph takes exactly Dynamo's inputs and returns exactly its two
+    outputs (AOT autograd then only forwards them); else None."""
+    code = inner.get("code")
+    dynamo_inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
+    call = getattr(code, "current_callable", None)
+    if call is None or inner.get("inputs") != dynamo_inputs or inner.get("outputs") != 2:
+        return None
+    return call
 
 
 def _input_plan(gm: torch.fx.GraphModule) -> list[tuple[str, Any]] | None:

@@ -125,20 +125,16 @@ class DrModelMixin:
         attn = self.model.repeat_attn[str(i)] if repeat_pass else None
         with _swapped_attention(layer, attn):
             if rows is step.all_rows:  # nothing extra when every row runs it
-                return self._call_layer(layer, positions, hidden, residual)
+                return self._call_layer(layer, step, positions, hidden, residual)
             others = step.rows_to_restore(rows)
-            if others is not None:  # a few rows skip it: run all, put theirs back
-                keep = step.token_index(others, hidden.device)
-                saved = kernels.gather_rows(hidden, keep), kernels.gather_rows(residual, keep)
-                hidden, residual = self._call_layer(layer, positions, hidden, residual)
-                kernels.scatter_rows_(hidden, keep, saved[0])
-                kernels.scatter_rows_(residual, keep, saved[1])
-                return hidden, residual
+            if others is not None:  # a few rows skip it: run all, keep theirs as they are
+                return self._call_layer(layer, step, positions, hidden, residual, keep=others)
             name = layer.self_attn.attn.layer_name
             tok = step.token_index(rows, hidden.device)
             with step.attention_for_rows(rows, tok, name):
                 h, r = self._call_layer(
                     layer,
+                    step,
                     positions[tok],
                     kernels.gather_rows(hidden, tok),
                     kernels.gather_rows(residual, tok),
@@ -155,15 +151,25 @@ class DrModelMixin:
 
     def _compile_layer_graph(self, input_ids, positions, inputs_embeds) -> None:
         hidden = self._embed(input_ids, inputs_embeds)
-        self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden))
+        keep = torch.zeros(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
+        self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden), keep)
 
-    def _call_layer(self, layer, positions, hidden, residual):
-        """One layer on the given tokens: the shared compiled graph, or eager."""
-        if self.layer_graph is None:
+    def _call_layer(self, layer, step, positions, hidden, residual, keep=()):
+        """One layer on the given tokens (the shared compiled graph, or eager),
+        except that the rows of `keep` (rows of `step`) leave it unchanged."""
+        if self.layer_graph is not None:
+            if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
+                residual = torch.zeros_like(hidden)
+            mask = step.keep_mask(keep, hidden.shape[0], hidden.device)
+            return self.layer_graph(layer, positions, hidden, residual, mask)
+        if not keep:
             return layer(positions, hidden, residual)
-        if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
-            residual = torch.zeros_like(hidden)
-        return self.layer_graph(layer, positions, hidden, residual)
+        idx = step.token_index(keep, hidden.device)
+        saved = kernels.gather_rows(hidden, idx), kernels.gather_rows(residual, idx)
+        hidden, residual = layer(positions, hidden, residual)
+        kernels.scatter_rows_(hidden, idx, saved[0])
+        kernels.scatter_rows_(residual, idx, saved[1])
+        return hidden, residual
 
     @torch.no_grad()
     def _route_layer(self, i: int, step: StepBatch, hidden, residual) -> None:
