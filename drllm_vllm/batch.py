@@ -141,9 +141,12 @@ class StepBatch:
         key = (rows, num_tokens)
         mask = self._keep.get(key)
         if mask is None:
-            mask = torch.zeros(num_tokens, 1, dtype=torch.bool, device=device)
             if rows:
-                mask[self.token_index(rows, device)] = True
+                keep = np.zeros((num_tokens, 1), dtype=np.bool_)
+                keep[token_positions(self.query_start, rows)] = True
+                mask = torch.from_numpy(keep).to(device)
+            else:
+                mask = torch.zeros(num_tokens, 1, dtype=torch.bool, device=device)
             self._keep[key] = mask
         return mask
 

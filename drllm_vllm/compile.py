@@ -91,9 +91,8 @@ class LayerGraph:
         if self._inputs is None:  # first call, or inputs of a kind we do not rebuild
             return self._dynamo(layer, positions, hidden, residual, keep)
         args = list(self._fixed_inputs(layer))
-        per_call = {"positions": positions, "hidden": hidden, "residual": residual, "keep": keep}
         for i, get in self._per_call:
-            args[i] = get(per_call)
+            args[i] = get(positions, hidden, residual, keep)
         if self._direct is not None:
             return tuple(self._direct(args))
         return tuple(self._graph(*args))
@@ -104,8 +103,9 @@ class LayerGraph:
 
         self._inputs = _input_plan(gm)
         if self._inputs is not None:
-            self._per_call = [
-                (i, eval(f"lambda L: {src}"))  # noqa: S307 - Dynamo's own source text
+            args = ", ".join(_PER_CALL)
+            self._per_call = [  # Dynamo's own source text, e.g. L['hidden'].size()[0]
+                (i, eval(f"lambda {args}: {_local(src)}"))  # noqa: S307
                 for i, (kind, src) in enumerate(self._inputs) if kind == "per_call"
             ]
         inner: dict[str, Any] = {}
@@ -142,6 +142,13 @@ class LayerGraph:
             ]
             self._layer_inputs[key] = got
         return got
+
+
+def _local(source: str) -> str:
+    """Dynamo's source text with L['name'] written as the plain name."""
+    for name in _PER_CALL:
+        source = source.replace(f"L['{name}']", name)
+    return source
 
 
 def _direct_call(inner: dict, gm: torch.fx.GraphModule):

@@ -113,36 +113,40 @@ class DrModelMixin:
                 if residual is None and rows is not step.all_rows:
                     residual = torch.zeros_like(hidden)  # stream = hidden + 0
                 hidden, residual = self._run_layer(
-                    i, repeat_pass, rows, step, positions, hidden, residual
+                    i, layer, repeat_pass, rows, step, positions, hidden, residual
                 )
         if residual is None:
             return model.norm(hidden)
         hidden, _ = model.norm(hidden, residual)
         return hidden
 
-    def _run_layer(self, i, repeat_pass, rows, step, positions, hidden, residual):
-        layer = self.model.layers[i]
-        attn = self.model.repeat_attn[str(i)] if repeat_pass else None
-        with _swapped_attention(layer, attn):
-            if rows is step.all_rows:  # nothing extra when every row runs it
-                return self._call_layer(layer, step, positions, hidden, residual)
-            others = step.rows_to_restore(rows)
-            if others is not None:  # a few rows skip it: run all, keep theirs as they are
-                return self._call_layer(layer, step, positions, hidden, residual, keep=others)
-            name = layer.self_attn.attn.layer_name
-            tok = step.token_index(rows, hidden.device)
-            with step.attention_for_rows(rows, tok, name):
-                h, r = self._call_layer(
-                    layer,
-                    step,
-                    positions[tok],
-                    kernels.gather_rows(hidden, tok),
-                    kernels.gather_rows(residual, tok),
-                )
-            # the gathered rows were copies, so writing back in place is safe
-            kernels.scatter_rows_(hidden, tok, h)
-            kernels.scatter_rows_(residual, tok, r)
-            return hidden, residual
+    def _run_layer(self, i, layer, repeat_pass, rows, step, positions, hidden, residual):
+        if not repeat_pass:
+            return self._run_rows(layer, rows, step, positions, hidden, residual)
+        with _swapped_attention(layer, self.model.repeat_attn[str(i)]):
+            return self._run_rows(layer, rows, step, positions, hidden, residual)
+
+    def _run_rows(self, layer, rows, step, positions, hidden, residual):
+        """`layer` on the tokens of `rows`; every other row's state unchanged."""
+        if rows is step.all_rows:  # nothing extra when every row runs it
+            return self._call_layer(layer, step, positions, hidden, residual)
+        others = step.rows_to_restore(rows)
+        if others is not None:  # a few rows skip it: run all, keep theirs as they are
+            return self._call_layer(layer, step, positions, hidden, residual, keep=others)
+        name = layer.self_attn.attn.layer_name
+        tok = step.token_index(rows, hidden.device)
+        with step.attention_for_rows(rows, tok, name):
+            h, r = self._call_layer(
+                layer,
+                step,
+                positions[tok],
+                kernels.gather_rows(hidden, tok),
+                kernels.gather_rows(residual, tok),
+            )
+        # the gathered rows were copies, so writing back in place is safe
+        kernels.scatter_rows_(hidden, tok, h)
+        kernels.scatter_rows_(residual, tok, r)
+        return hidden, residual
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if inputs_embeds is not None:
@@ -187,11 +191,8 @@ class DrModelMixin:
 
 
 @contextmanager
-def _swapped_attention(layer: nn.Module, attn: Attention | None):
+def _swapped_attention(layer: nn.Module, attn: Attention):
     """Run `layer` with its attention replaced by the virtual repeat layer."""
-    if attn is None:
-        yield
-        return
     own = layer.self_attn.attn
     layer.self_attn.attn = attn
     try:
