@@ -84,6 +84,11 @@ class LayerGraph:
     def compiled(self) -> bool:
         return self._graph is not None
 
+    @property
+    def direct(self) -> bool:
+        """Whether calls skip AOT autograd's runtime wrappers (see module doc)."""
+        return self._direct is not None
+
     def __call__(self, layer, positions, hidden, residual, keep):
         if self._graph is None:
             for t in (positions, hidden, residual, keep):

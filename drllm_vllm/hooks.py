@@ -452,7 +452,9 @@ class DrRunnerMixin:
     def drllm_stats(self, reset: bool = False) -> dict[str, int]:
         graph = getattr(self.get_model(), "layer_graph", None)
         # 1 once the shared compiled layer graph exists (0: eager layers)
-        stats = {**self._drllm_stats, "layer_graph_compiled": int(bool(graph and graph.compiled))}
+        stats = {**self._drllm_stats, "layer_graph_compiled": int(bool(graph and graph.compiled)),
+                 # 1 when its calls run inductor's code without AOT's wrappers
+                 "layer_graph_direct": int(bool(graph and graph.direct))}
         if reset:
             self._drllm_stats = _zero_stats()
         return stats

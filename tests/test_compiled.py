@@ -65,6 +65,7 @@ def test_compiled_equals_eager_on_mixed_batches(dr_llm, eager_llm, tokenizer, ba
             assert list(schedule) == e["drllm_schedule"]
     stats = dr_llm.collective_rpc("drllm_stats")[0]
     assert stats["layer_graph_compiled"] == 1, "the default engine should run compiled layers"
+    assert stats["layer_graph_direct"] == 1, "layer calls should skip AOT autograd's wrappers"
     assert eager_llm.collective_rpc("drllm_stats")[0]["layer_graph_compiled"] == 0
 
 
