@@ -303,3 +303,13 @@ def test_scoring_step_keeps_prompt_logits_under_the_budget():
         n = step_tokens(vocab)
         assert n * vocab <= PROMPT_LOGITS_PER_STEP or n == 512
         assert n == 4096 or 2 * n * vocab > PROMPT_LOGITS_PER_STEP
+
+
+def test_eval_result_files_keep_a_dotted_model_name():
+    from pathlib import Path
+
+    from drllm_vllm.pipeline.evaluate import _beside
+
+    stem = Path("benchmarks/results/eval_qwen2.5-coder-0.5b-instruct")
+    assert _beside(stem, ".json").name == "eval_qwen2.5-coder-0.5b-instruct.json"
+    assert _beside(stem, "_pareto.png").name == "eval_qwen2.5-coder-0.5b-instruct_pareto.png"

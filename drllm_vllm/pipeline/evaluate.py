@@ -257,6 +257,12 @@ def table(report: dict) -> str:
                                f"{report.get('num_layers', '?')})."])
 
 
+def _beside(stem: Path, ending: str) -> Path:
+    """stem + ending; a stem may hold dots (eval_qwen2.5-coder-0.5b-instruct),
+    so never Path.with_suffix, which would cut it at the last one."""
+    return stem.with_name(stem.name + ending)
+
+
 def plots(report: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -276,7 +282,7 @@ def plots(report: dict, out: Path) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    files.append(out.with_name(out.stem + "_pareto.png"))
+    files.append(_beside(out, "_pareto.png"))
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
     if report.get("heatmap_bias0"):
@@ -289,7 +295,7 @@ def plots(report: dict, out: Path) -> list[Path]:
         ax.set_title("routed (bias 0): share of evaluation examples per decision")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        files.append(out.with_name(out.stem + "_heatmap.png"))
+        files.append(_beside(out, "_heatmap.png"))
         fig.savefig(files[-1], dpi=120)
         plt.close(fig)
     return files
@@ -330,12 +336,12 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
     md = table(report)
     print("\n" + md + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(
+    _beside(out, ".json").write_text(json.dumps(report, indent=2) + "\n")
+    _beside(out, ".md").write_text(
         f"# Dr.LLM evaluation ({report['date']}, {report['machine']}, {report['cpus']} CPUs)"
         f"\n\n`{report['command']}`\n\n{md}\n")
     files = plots(report, out)
-    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, "
+    log(f"wrote {_beside(out, '.json')}, {_beside(out, '.md')}, "
         + ", ".join(map(str, files)))
     shipped = shipped_routers(model)
     if shipped and shipped.card["routers_sha256"] == report["routers_sha256"]:
