@@ -21,7 +21,7 @@ from .schedule import REPEAT, Schedule
 
 
 # A layer that all but a few of the step's tokens run costs less run on every
-# row, with the few skipping rows kept as they were (`keep_mask`), than run on
+# row, with the few skipping rows' states put back afterwards, than run on
 # a gathered subset with attention metadata of its own (measured on CPU: 64
 # rows decoding, one or two skipping each layer; docs/architecture.md). Their
 # KV entries for the layer get written but are never read: a request skips a
@@ -61,7 +61,6 @@ class StepBatch:
     num_layers: int
     _token_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     _restore: dict[tuple[int, ...], tuple[int, ...] | None] = field(default_factory=dict)
-    _keep: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
     _route_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False
     )
@@ -133,22 +132,6 @@ class StepBatch:
             idx = torch.from_numpy(token_positions(self.query_start, rows)).to(device)
             self._token_index[rows] = idx
         return idx
-
-    def keep_mask(self, rows: tuple[int, ...], num_tokens: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-        """[num_tokens, 1] bool, True at the tokens of `rows` in this step's packed
-        batch (all False for no rows, at any num_tokens: a gathered subset's)."""
-        key = (rows, num_tokens)
-        mask = self._keep.get(key)
-        if mask is None:
-            if rows:
-                keep = np.zeros((num_tokens, 1), dtype=np.bool_)
-                keep[token_positions(self.query_start, rows)] = True
-                mask = torch.from_numpy(keep).to(device)
-            else:
-                mask = torch.zeros(num_tokens, 1, dtype=torch.bool, device=device)
-            self._keep[key] = mask
-        return mask
 
     def route_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(start, pooled length, bias) of each routed row; the same for every layer."""

@@ -2,8 +2,7 @@
 
 The routed layer loop (model.py) branches on data, so it stays in Python;
 what it calls for each (layer, row set) is `LayerGraph`, a torch.compile'd
-`layer(positions, hidden, residual)` whose rows marked `keep` come out as they
-went in (a row that skips the layer while the rest of the batch runs it):
+`layer(positions, hidden, residual)`:
 
 - Traced once by Dynamo, with the token dimension dynamic, and compiled by
   inductor with vLLM's own CPU inductor options (what `vllm serve` uses for
@@ -25,8 +24,6 @@ went in (a row that skips the layer while the rest of the batch runs it):
   graph: no mutated, duplicated or aliased inputs, checked at compile time),
   calls also skip its runtime wrappers and run inductor's generated code
   itself: the wrappers cost about 40 us a call on CPU, paid for every layer.
-- `keep` fuses a skipped row's restore into the layer's last kernel instead of
-  saving and writing back its rows around the call.
 
 Steps in which every row runs every layer do not come here: they call the
 base model's forward, which vLLM compiles whole (`DrModelMixin.forward`).
@@ -40,26 +37,20 @@ from typing import Any
 import torch
 
 # the arguments of `_decoder_layer` that change from call to call
-_PER_CALL = ("positions", "hidden", "residual", "keep")
+_PER_CALL = ("positions", "hidden", "residual")
 
 
-def _decoder_layer(layer, positions, hidden, residual, keep):
-    h, r = layer(positions, hidden, residual)
-    # a kept row skips the layer: its stream leaves as it came
-    return torch.where(keep, hidden, h), torch.where(keep, residual, r)
+def _decoder_layer(layer, positions, hidden, residual):
+    return layer(positions, hidden, residual)
 
 
 class LayerGraph:
-    """`layer(positions, hidden, residual) -> (hidden, residual)` with the rows
-    where `keep` is True passed through unchanged, compiled once for all
-    decoder layers of one model.
+    """`layer(positions, hidden, residual) -> (hidden, residual)`, compiled once
+    for all decoder layers of one model.
 
     Shapes: positions [T] int64; hidden and residual [T, hidden_size] in the
-    model dtype; keep [T, 1] bool; T any number of tokens >= 1 (the first call
-    fixes nothing but the rank and dtypes). `residual` must be a tensor (zeros
-    before layer 0). Kept rows still go through attention, so their KV entries
-    for the layer are written (and, since a request skips a layer for all its
-    tokens, never read).
+    model dtype, T any number of tokens >= 1 (the first call fixes nothing but
+    the rank and dtypes). `residual` must be a tensor (zeros before layer 0).
     The first call traces and compiles (seconds to a minute on 2 cores);
     `compiled` says whether that has happened.
     """
@@ -89,15 +80,15 @@ class LayerGraph:
         """Whether calls skip AOT autograd's runtime wrappers (see module doc)."""
         return self._direct is not None
 
-    def __call__(self, layer, positions, hidden, residual, keep):
+    def __call__(self, layer, positions, hidden, residual):
         if self._graph is None:
-            for t in (positions, hidden, residual, keep):
+            for t in (positions, hidden, residual):
                 torch._dynamo.mark_dynamic(t, 0)
         if self._inputs is None:  # first call, or inputs of a kind we do not rebuild
-            return self._dynamo(layer, positions, hidden, residual, keep)
+            return self._dynamo(layer, positions, hidden, residual)
         args = list(self._fixed_inputs(layer))
         for i, get in self._per_call:
-            args[i] = get(positions, hidden, residual, keep)
+            args[i] = get(positions, hidden, residual)
         if self._direct is not None:
             return tuple(self._direct(args))
         return tuple(self._graph(*args))

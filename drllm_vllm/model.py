@@ -155,24 +155,24 @@ class DrModelMixin:
 
     def _compile_layer_graph(self, input_ids, positions, inputs_embeds) -> None:
         hidden = self._embed(input_ids, inputs_embeds)
-        keep = torch.zeros(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
-        self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden), keep)
+        self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden))
 
     def _call_layer(self, layer, step, positions, hidden, residual, keep=()):
         """One layer on the given tokens (the shared compiled graph, or eager),
-        except that the rows of `keep` (rows of `step`) leave it unchanged."""
-        if self.layer_graph is not None:
+        except that the rows of `keep` (rows of `step`) leave it unchanged: their
+        states are copied out before and back after."""
+        if keep:
+            idx = step.token_index(keep, hidden.device)
+            saved = kernels.gather_rows(hidden, idx), kernels.gather_rows(residual, idx)
+        if self.layer_graph is None:
+            hidden, residual = layer(positions, hidden, residual)
+        else:
             if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
                 residual = torch.zeros_like(hidden)
-            mask = step.keep_mask(keep, hidden.shape[0], hidden.device)
-            return self.layer_graph(layer, positions, hidden, residual, mask)
-        if not keep:
-            return layer(positions, hidden, residual)
-        idx = step.token_index(keep, hidden.device)
-        saved = kernels.gather_rows(hidden, idx), kernels.gather_rows(residual, idx)
-        hidden, residual = layer(positions, hidden, residual)
-        kernels.scatter_rows_(hidden, idx, saved[0])
-        kernels.scatter_rows_(residual, idx, saved[1])
+            hidden, residual = self.layer_graph(layer, positions, hidden, residual)
+        if keep:
+            kernels.scatter_rows_(hidden, idx, saved[0])
+            kernels.scatter_rows_(residual, idx, saved[1])
         return hidden, residual
 
     @torch.no_grad()

@@ -181,9 +181,6 @@ def test_step_batch_row_sets_and_token_positions_known_answers():
     assert step.applications().tolist() == [4, 2, 3, 3]
     # layer 1: rows 1 and 3 (2 tokens) skip it while the others run it
     assert step.rows_to_restore((0, 2)) == (1, 3)
-    assert step.keep_mask((1, 3), 9).flatten().tolist() == [
-        False, False, False, True, False, False, False, False, True]
-    assert step.keep_mask((), 7).shape == (7, 1) and not step.keep_mask((), 7).any()
 
 
 def test_route_window_clamps_to_the_prompt():
