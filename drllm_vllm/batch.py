@@ -21,10 +21,10 @@ from .schedule import REPEAT, Schedule
 
 
 # A layer that all but a few of the step's tokens run costs less run on every
-# row, with the few skipping rows' states put back afterwards, than run on
-# a gathered subset with attention metadata of its own (measured on CPU: 64
-# rows decoding, one or two skipping each layer; docs/architecture.md). Their
-# KV entries for the layer get written but are never read: a request skips a
+# row, with the few skipping rows' states put back afterwards, than run on a
+# gathered subset with attention metadata of its own (measured on CPU: 64 rows
+# decoding, one or two skipping each layer; docs/architecture.md). Their KV
+# entries for the layer get written but are never read: a request skips a
 # layer for all of its tokens.
 RESTORE_MAX_TOKENS = 4
 

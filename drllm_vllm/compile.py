@@ -20,9 +20,10 @@ what it calls for each (layer, row set) is `LayerGraph`, a torch.compile'd
   guards would otherwise be paid 30-60 times a step; vLLM drops them too
   (`TorchCompileWithNoGuardsWrapper`). The input list comes from Dynamo's
   own record of where each graph input came from (its source).
-- When AOT autograd passes those inputs through unchanged (an inference
-  graph: no mutated, duplicated or aliased inputs, checked at compile time),
-  calls also skip its runtime wrappers and run inductor's generated code
+- When AOT autograd passes those inputs through unchanged (checked at
+  compile time: the graph it hands inductor has exactly Dynamo's inputs and
+  two outputs, so none were deduplicated or added for mutations), calls
+  also skip its runtime wrappers and run inductor's generated code
   itself: the wrappers cost about 40 us a call on CPU, paid for every layer.
 
 Steps in which every row runs every layer do not come here: they call the
