@@ -63,6 +63,13 @@ class DrConfig(BaseModel):
         """Whether `layer` may repeat (it has a virtual repeat attention layer)."""
         return layer in self.repeat_layers
 
+    def has_choice(self, layer: int) -> bool:
+        """Whether the router of `layer` has anything to decide: False when the
+        layer may neither skip nor repeat, so that it executes whatever the
+        router's logits and the bias (`router.decide`); the serving path then
+        does not run that router at all."""
+        return self.may_skip(layer) or self.may_repeat(layer)
+
 
 def parse_drllm_block(hf_config: Any) -> DrConfig:
     """Read and validate `hf_config.drllm`; raise ValueError with one clear line."""

@@ -104,7 +104,7 @@ class DrModelMixin:
         hidden = self._embed(input_ids, inputs_embeds)
         residual = None
         for i, layer in enumerate(model.layers):
-            if step.to_route:
+            if step.to_route and self.drllm.has_choice(i):  # else routed rows execute i
                 self._route_layer(i, step, hidden, residual)
             for repeat_pass in (False, True):
                 rows = step.rows_running(i, repeat_pass)

@@ -10,6 +10,7 @@ that owns the weights.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -62,6 +63,12 @@ def route_window(num_prompt: int, route_tokens: int | None, route_start: int = 0
     return min(route_start, end - 1), end
 
 
+@functools.lru_cache(maxsize=None)
+def _allowed(may_skip: bool, may_repeat: bool, device: torch.device) -> torch.Tensor:
+    """[3] bool: which of skip, execute, repeat a layer allows (built once)."""
+    return torch.tensor([may_skip, True, may_repeat], device=device)
+
+
 def decide(
     logits: torch.Tensor,
     bias: torch.Tensor | float,
@@ -85,7 +92,7 @@ def decide(
     one. p = 0 is the routers' own argmax over the allowed classes (the fast
     path). Ties go to the lower class, like torch.argmax.
     """
-    allowed = torch.tensor([may_skip, True, may_repeat], device=logits.device)
+    allowed = _allowed(may_skip, may_repeat, logits.device)
     masked = logits.float().masked_fill(~allowed, -math.inf)
     p = torch.as_tensor(bias, dtype=torch.float32, device=logits.device)
     if not bool(p.any()):  # no knob (the usual case)

@@ -46,6 +46,17 @@ def test_decide_never_takes_a_disallowed_class_whatever_the_bias():
     assert decide(wants_repeat.repeat(2, 1), torch.tensor([0.0, 0.0]), may_repeat=False).tolist() == [0, 0]
 
 
+def test_a_layer_with_no_choice_executes_whatever_its_router_says():
+    # The serving loop skips the router of such a layer (DrConfig.has_choice):
+    # decide must then answer execute for any logits and any bias.
+    cfg = DrConfig(skip_layers=(1,), repeat_layers=(2,))
+    assert [cfg.has_choice(i) for i in range(4)] == [False, True, True, False]
+    assert DrConfig().has_choice(7)  # no skip_layers: every layer may skip
+    logits = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 5
+    for p in (-1.0, -0.3, 0.0, 0.3, 1.0):
+        assert decide(logits, p, may_skip=False, may_repeat=False).eq(1).all(), p
+
+
 def test_decide_positive_bias_moves_to_execute_where_repeat_is_not_allowed():
     # softmax over skip/execute of [1, 0]: [0.73, 0.27]; target execute
     logits = torch.tensor([[1.0, 0.0, 9.0]])
