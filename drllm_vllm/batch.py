@@ -71,10 +71,26 @@ class StepBatch:
             if s is not None:
                 self.actions[row] = s
         self.all_rows = tuple(range(len(self.req_ids)))
-        # Row sets of every (layer, pass), worked out once for the step. A step
-        # that routes changes column l just before layer l runs, so its row
-        # sets are worked out layer by layer instead.
-        self._plan = None if self.to_route else self._row_sets(self.actions)
+        # Row sets of every (layer, pass), worked out once for the step on
+        # first use. A step that routes changes column l just before layer l
+        # runs, so its row sets are worked out layer by layer instead.
+        self._plan = None
+
+    def reuse(self, previous: StepBatch | None) -> None:
+        """Take over `previous`'s row sets, restore sets and token indices when
+        this step has exactly its rows, tokens and schedules and neither step
+        routes: a running decode batch, most steps. They depend on nothing
+        else (attention metadata, which also depends on sequence lengths, is
+        never carried over)."""
+        if (
+            previous is None or self.to_route or previous.to_route
+            or previous.req_ids != self.req_ids
+            or not np.array_equal(previous.query_start, self.query_start)
+            or not np.array_equal(previous.actions, self.actions)
+        ):
+            return
+        self._plan, self._token_index, self._restore = (
+            previous._plan, previous._token_index, previous._restore)
 
     def _row_sets(self, actions: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """[(rows executing l, rows repeating l)] for the columns of `actions`."""
@@ -102,9 +118,11 @@ class StepBatch:
 
     def rows_running(self, layer: int, repeat_pass: bool) -> tuple[int, ...]:
         """Rows that run `layer` (its second pass if `repeat_pass`); all_rows when all do."""
-        if self._plan is not None:
-            return self._plan[layer][repeat_pass]
-        return self._row_sets(self.actions[:, layer : layer + 1])[0][repeat_pass]
+        if self.to_route:
+            return self._row_sets(self.actions[:, layer : layer + 1])[0][repeat_pass]
+        if self._plan is None:
+            self._plan = self._row_sets(self.actions)
+        return self._plan[layer][repeat_pass]
 
     def rows_to_restore(self, rows: tuple[int, ...]) -> tuple[int, ...] | None:
         """The rows outside `rows` when they hold at most RESTORE_MAX_TOKENS tokens

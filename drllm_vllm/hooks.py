@@ -393,6 +393,7 @@ class DrRunnerMixin:
         self._drllm_schedules: dict[str, Schedule] = {}  # live requests
         self._drllm_decided: dict[str, Schedule] = {}  # to report this step
         self._drllm_stats = _zero_stats()
+        self._drllm_last_step: StepBatch | None = None  # its row sets may carry over
 
     def _model_forward(self, input_ids=None, positions=None, **kwargs):
         model = self.get_model()
@@ -424,7 +425,7 @@ class DrRunnerMixin:
         full = full_schedule(num_layers)
         if not to_route and all(s == full for s in schedules):
             return None  # every row runs every layer: the plain loop, no overhead
-        return StepBatch(
+        step = StepBatch(
             req_ids=list(req_ids),
             query_start=query_start,
             schedules=schedules,
@@ -432,6 +433,9 @@ class DrRunnerMixin:
             attention_for_rows=self._attention_for_rows_factory(),
             num_layers=num_layers,
         )
+        step.reuse(self._drllm_last_step)
+        self._drllm_last_step = step
+        return step
 
     def _drllm_count(self, step: StepBatch | None, num_layers: int) -> None:
         """Executed-layer counts of this step (the benchmark reads them)."""

@@ -193,6 +193,24 @@ def test_step_batch_row_sets_and_token_positions_known_answers():
     # layer 1: rows 1 and 3 (2 tokens) skip it while the others run it
     assert step.rows_to_restore((0, 2)) == (1, 3)
 
+    def again(req_ids=("a", "b", "c", "d"), q=q, last=(1, 0, 2), to_route=()):
+        return StepBatch(
+            req_ids=list(req_ids), query_start=q.copy(),
+            schedules=[(1, 1, 2), (1, 0, 1), (1, 1, 1), last], to_route=list(to_route),
+            attention_for_rows=None, num_layers=3,
+        )
+
+    # the next step of the same batch takes over the row sets and indices...
+    same = again()
+    same.reuse(step)
+    assert same._token_index is step._token_index and same.rows_running(1, False) == (0, 2)
+    # ...a step that differs in rows, tokens or schedules works out its own
+    for other in (again(req_ids="abce"), again(q=np.array([0, 3, 4, 9, 10], dtype=np.int32)),
+                  again(last=(1, 1, 2))):
+        other.reuse(step)
+        assert other._token_index is not step._token_index
+    assert again(last=(1, 1, 2)).rows_running(1, False) == (0, 2, 3)
+
 
 def test_route_window_clamps_to_the_prompt():
     from drllm_vllm.router import route_window
