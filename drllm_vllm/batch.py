@@ -23,10 +23,13 @@ from .schedule import REPEAT, Schedule
 # A layer that all but a few of the step's tokens run costs less run on every
 # row, with the few skipping rows' states put back afterwards, than run on a
 # gathered subset with attention metadata of its own (measured on CPU: 64 rows
-# decoding, one or two skipping each layer; docs/architecture.md). Their KV
-# entries for the layer get written but are never read: a request skips a
-# layer for all of its tokens.
+# decoding, one or two skipping each layer; 8 prompts in prefill, one of them
+# skipping: the subset ran slower than all 8; docs/architecture.md). "A few"
+# is at most RESTORE_MAX_TOKENS tokens or RESTORE_MAX_FRACTION of the step's,
+# whichever is more. Their KV entries for the layer get written but are never
+# read: a request skips a layer for all of its tokens.
 RESTORE_MAX_TOKENS = 4
+RESTORE_MAX_FRACTION = 0.25
 
 
 def token_positions(query_start: np.ndarray, rows: tuple[int, ...]) -> np.ndarray:
@@ -126,12 +129,14 @@ class StepBatch:
 
     def rows_to_restore(self, rows: tuple[int, ...]) -> tuple[int, ...] | None:
         """The rows outside `rows` when they hold at most RESTORE_MAX_TOKENS tokens
-        (run the layer on every row and restore those), else None (run `rows` only)."""
+        or RESTORE_MAX_FRACTION of the step's (run the layer on every row and
+        restore those), else None (run `rows` only)."""
         if rows not in self._restore:
             others = tuple(sorted(set(self.all_rows) - set(rows)))
             qs = self.query_start
             tokens = int(sum(qs[r + 1] - qs[r] for r in others))
-            self._restore[rows] = others if tokens <= RESTORE_MAX_TOKENS else None
+            few = max(RESTORE_MAX_TOKENS, RESTORE_MAX_FRACTION * int(qs[-1] - qs[0]))
+            self._restore[rows] = others if tokens <= few else None
         return self._restore[rows]
 
     def layer_passes(self) -> int:
