@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "rows": rows, "plugin_over_plain": ratios}
     out = Path(args.results_dir) / f"startup_{datetime.now():%Y%m%d_%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
