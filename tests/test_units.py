@@ -192,7 +192,7 @@ def test_step_batch_row_sets_and_token_positions_known_answers():
     assert step.applications().tolist() == [4, 2, 3, 3]
     # layer 1: rows 1 and 3 (2 tokens) skip it while the others run it
     assert step.rows_to_restore((0, 2)) == (1, 3)
-    # 5 of 9 tokens outside rows (1, 3): more than 4 and than a quarter of 9
+    # 7 of 9 tokens outside rows (1, 3): more than 4 and than a quarter of 9
     assert step.rows_to_restore((1, 3)) is None
     # a prefill of 40 tokens: a 9-token row outside is under a quarter (10)
     long = StepBatch(req_ids=list("abcd"), query_start=np.array([0, 9, 20, 31, 40]),
@@ -200,10 +200,10 @@ def test_step_batch_row_sets_and_token_positions_known_answers():
     assert long.rows_to_restore((1, 2, 3)) == (0,)
     assert long.rows_to_restore((2, 3)) is None  # 20 tokens outside
 
-    def again(req_ids=("a", "b", "c", "d"), q=q, last=(1, 0, 2), to_route=()):
+    def again(req_ids=("a", "b", "c", "d"), q=q, last=(1, 0, 2)):
         return StepBatch(
             req_ids=list(req_ids), query_start=q.copy(),
-            schedules=[(1, 1, 2), (1, 0, 1), (1, 1, 1), last], to_route=list(to_route),
+            schedules=[(1, 1, 2), (1, 0, 1), (1, 1, 1), last], to_route=[],
             attention_for_rows=None, num_layers=3,
         )
 
