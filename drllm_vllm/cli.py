@@ -206,7 +206,7 @@ def cmd_eval(args) -> None:
     from .pipeline.evaluate import main as run
 
     run(checkpoint, name, args.limit_in, args.limit_out, biases, args.generation,
-        Path(stem), args.dtype, args.format, args.seed, args.static)
+        Path(stem), args.dtype, args.format, args.seed, args.static, record_card=args.card)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--model", default="smollm2-135m-instruct")
     e.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     e.add_argument("--limit-in", type=int, default=200,
-                   help="examples per in-domain task (a seeded random subset)")
+                   help="examples per in-domain task (a seeded random subset; a number at "
+                   "least the set's size takes all of it)")
     e.add_argument("--limit-out", type=int, default=100,
                    help="per out-of-domain task (MMLU stratified by subject)")
     e.add_argument("--biases", default="-0.6,-0.3,0,0.3",
@@ -328,9 +329,14 @@ def main(argv: list[str] | None = None) -> None:
                    "known questions; accuracy, degenerate answers, layers")
     e.add_argument("--save", action="store_true",
                    help="with --chat-check: write <--out>_chat_check.json")
+    e.add_argument("--card", action="store_true",
+                   help="record the table in the shipped routers' card "
+                   "(router_weights/<model>/card.json) when they are the routers evaluated")
     e.add_argument("--dtype", default=None, help=DTYPE_HELP)
     e.add_argument("--out", default=None,
-                   help="results file stem (default benchmarks/results/eval_<name>)")
+                   help="results file stem (default benchmarks/results/eval_<name>); scores "
+                   "are logged as they are made in <out>.scores.jsonl.gz, and a run with "
+                   "the same --out resumes from that log")
     e.set_defaults(func=cmd_eval)
 
     args, rest = parser.parse_known_args(argv)

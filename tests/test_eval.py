@@ -250,3 +250,66 @@ def test_chat_format_and_chat_check_through_the_engine(dr_llm, oracle):
     assert result["full"]["layers"] == 30 and result["full"]["n"] == 3
     assert result["full"]["accuracy"] >= 2 / 3 * 100  # Tokyo, Paris, Rome
     assert "| full |" in chat_check.table(result)
+
+
+def test_shared_prefixes_are_computed_once_and_score_as_without_the_cache(dr_llm):
+    """Prefix-first scoring (the shared prefix cached, then the choices read it)
+    gives the scores and schedules of scoring every choice from scratch; a
+    choice whose scored tokens fell in cached blocks (two continuations that
+    share whole blocks, scored a second time) is scored again without them."""
+    from drllm_vllm.pipeline.scoring import Scorer
+
+    context = "Notes: " + " ".join(f"item {i} is {i % 7} apples," for i in range(22)) + " So"
+    tail = " " + " ".join(f"step {i}, then" for i in range(40))
+    e = tasks.Example("synthetic", 0, "q", (context,) * 4,
+                      (" seven", " three", tail + " one", tail + " two"), 0, format="zero-shot")
+    plain, cached = Scorer(dr_llm), Scorer(dr_llm)
+    plain.prefix_block = None
+    ids, shared = cached.encoded(e)
+    block = cached.prefix_block
+    # the shared prefix fills a block; choices 2 and 3 share the blocks after it too
+    assert shared >= block and len(ids[2]) - 8 >= (shared // block + 2) * block
+    for controls in ({"drllm_mode": "full"}, {"drllm_mode": "routed", "drllm_bias": -0.2}):
+        (want,) = plain.score([(e, controls)])
+        before, recomputed = cached.cached_tokens, cached.recomputed
+        (got,) = cached.score([(e, controls)])
+        # choices 0 and 1 read the shared prefix's blocks
+        assert cached.cached_tokens - before >= 2 * (shared // block) * block
+        (again,) = cached.score([(e, controls)])  # 2 and 3 find each other's blocks
+        assert cached.recomputed > recomputed
+        for r in (got, again):
+            assert r.schedule == want.schedule and r.pred == want.pred
+            assert r.scores == pytest.approx(want.scores, abs=1e-4)
+    assert 0 < sum(want.schedule) < 30  # the routed schedule skips some layers, not all
+
+
+def test_score_log_resumes_and_survives_a_cut_off_append(tmp_path):
+    """The eval's score log returns what was logged for the same identity and
+    controls only, and a file cut off mid-append keeps its complete lines."""
+    from drllm_vllm.pipeline.evaluate import ScoreLog
+    from drllm_vllm.pipeline.scoring import Scored
+
+    examples = tasks.load("arc_easy", "eval", 3, seed=0)
+    results = [Scored(i % 2, i % 2 == e.gold, (1, 0, 2), 3, -0.5, (-0.5, -0.25, -1.0, -2.0))
+               for i, e in enumerate(examples)]
+    path, me = tmp_path / "eval.scores.jsonl.gz", {"routers_sha256": "abc", "dtype": "bf16"}
+    log = ScoreLog(path, me)
+    full, routed = {"drllm_mode": "full"}, {"drllm_mode": "routed", "drllm_bias": -0.3}
+    log.add(full, examples[:2], results[:2])
+    first = path.stat().st_size
+    log.add(routed, examples[2:], results[2:])
+    again = ScoreLog(path, me)
+    got = again.get(full, examples[1])
+    assert got.pred == 1 and got.correct == (examples[1].gold == 1)
+    assert got.schedule == (1, 0, 2) and got.layer_applications == 3
+    assert got.scores == (-0.5, -0.25, -1.0, -2.0) and got.gold_score == got.scores[examples[1].gold]
+    assert again.get(routed, examples[1]) is None and again.get(routed, examples[2]) is not None
+    assert ScoreLog(path, {**me, "dtype": "fp32"}).get(full, examples[0]) is None
+    # cut the last append off mid-member: the first append's lines survive
+    data = path.read_bytes()
+    path.write_bytes(data[: first + (len(data) - first) // 2])
+    cut = ScoreLog(path, me)
+    assert cut.get(full, examples[0]) is not None and cut.get(routed, examples[2]) is None
+    cut.add(routed, examples[2:], results[2:])  # rewrites the file whole
+    healed = ScoreLog(path, me)
+    assert all(healed.get(full, e) for e in examples[:2]) and healed.get(routed, examples[2])

@@ -15,12 +15,20 @@ examples with a standard error (per task and per group) and mean executed
 layer applications per example; writes JSON, a Markdown table, the Pareto
 plot and the per-layer decision heat map. The chat check (generation on
 chat questions with known answers) is `chat_check.py`.
+
+Every scored example is appended to a score log beside the results
+(`<out>.scores.jsonl.gz`, `ScoreLog`) as it is scored, and a run with the
+same --out takes what the log already holds for the same routers, dtype,
+format and controls, so that a full-size evaluation outlives one session:
+commit the log, run the same command again.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import platform
+import zlib
 import sys
 import time
 from datetime import datetime, timezone
@@ -138,13 +146,95 @@ def decision_counts(results, num_layers: int) -> list[list[int]]:
     return counts
 
 
+class ScoreLog:
+    """Per-example scores of `drllm eval`, appended as they are made.
+
+    A gzip file of JSON lines (one gzip member per append, ~30 bytes per
+    example compressed), one line per (example, controls): task, doc id,
+    format, predicted choice, per-character choice scores, the schedule as
+    a string of digits. A line is used only by a run whose `identity`
+    (routers sha256, dtype, model) equals the line's. A log cut off mid-
+    append (the process killed) keeps every complete member: loading stops
+    at the damage, and the file is rewritten from what was read before the
+    next append.
+    """
+
+    def __init__(self, path: Path, identity: dict):
+        self.path, self.identity = Path(path), identity
+        self.id = json.dumps(identity, sort_keys=True)
+        self.rows: dict[tuple, dict] = {}
+        self._damaged = False
+        self._others: list[str] = []  # lines of other identities, kept as they are
+        if not self.path.exists():
+            return
+        lines = []
+        try:
+            with gzip.open(self.path, "rt") as f:
+                for line in f:
+                    lines.append(line)
+        except (EOFError, OSError, zlib.error):  # a member cut off mid-write
+            self._damaged = True
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                self._damaged = True
+                continue
+            if row.get("id") == self.id:
+                self.rows[self._key(row["controls"], row["task"], row["doc_id"],
+                                    row["format"])] = row
+            else:
+                self._others.append(line if line.endswith("\n") else line + "\n")
+
+    @staticmethod
+    def _key(controls: dict | str, task: str, doc_id: int, format: str) -> tuple:
+        c = controls if isinstance(controls, str) else json.dumps(controls, sort_keys=True)
+        return c, task, doc_id, format
+
+    def get(self, controls: dict, e: tasks.Example):
+        """The logged result of `e` under `controls`, or None."""
+        from ..schedule import layer_applications
+        from .scoring import Scored
+
+        row = self.rows.get(self._key(controls, e.task, e.doc_id, e.format))
+        if row is None:
+            return None
+        schedule = tuple(int(c) for c in row["schedule"])
+        scores = tuple(row["scores"])
+        return Scored(row["pred"], row["pred"] == e.gold, schedule,
+                      layer_applications(schedule), scores[e.gold], scores)
+
+    def add(self, controls: dict, examples, results) -> None:
+        """Append the results of `examples` under `controls` (one gzip member)."""
+        c = json.dumps(controls, sort_keys=True)
+        new = []
+        for e, r in zip(examples, results):
+            row = {"id": self.id, "controls": c, "task": e.task, "doc_id": e.doc_id,
+                   "format": e.format, "pred": r.pred, "scores": [round(x, 6) for x in r.scores],
+                   "schedule": "".join(map(str, r.schedule))}
+            self.rows[self._key(c, e.task, e.doc_id, e.format)] = row
+            new.append(json.dumps(row, separators=(",", ":")) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._damaged:  # rewrite what was readable, then append as usual
+            body = self._others + [json.dumps(r, separators=(",", ":")) + "\n"
+                                   for r in self.rows.values()]
+            with gzip.open(self.path, "wt") as f:
+                f.writelines(body)
+            self._damaged = False
+            return
+        with gzip.open(self.path, "at") as f:
+            f.writelines(new)
+
+
 def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | None,
              biases=DEFAULT_BIASES, format: str | None = None, seed: int = 0,
-             influence_prompts: int = 64, static: bool = True, log=print) -> dict:
+             influence_prompts: int = 64, static: bool = True, log=print,
+             score_log: ScoreLog | None = None) -> dict:
     """Score base, routed at each bias and static pruning at the routed depths
     on `limit_in` / `limit_out` examples per in-domain / out-of-domain task
     (seeded random subsets; None: all) in `format` (None: each task's default).
     static=False leaves out the static pruning rows (to compare routers).
+    score_log: results already logged are taken from it, new ones appended.
     Returns the report: per method its controls, seconds, per-task
     accuracy (%) and layers, and paired differences vs base (points, se)."""
     L = scorer.llm.llm_engine.model_config.hf_config.num_hidden_layers
@@ -162,15 +252,23 @@ def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | No
 
     def run(name: str, controls: dict) -> list:
         t0 = time.perf_counter()
-        res = []
-        for b in range(0, len(examples), 256):  # chunks keep the progress visible
-            chunk = examples[b: b + 256]
-            res += scorer.score([(e, controls) for e in chunk])
-            log(f"  {name}: {len(res)}/{len(examples)} examples")
+        res = [score_log.get(controls, e) if score_log else None for e in examples]
+        todo = [i for i, r in enumerate(res) if r is None]
+        if len(todo) < len(examples):
+            log(f"  {name}: {len(examples) - len(todo)} examples from {score_log.path}")
+        for b in range(0, len(todo), 256):  # chunks keep the progress visible
+            chunk = [examples[i] for i in todo[b: b + 256]]
+            scored = scorer.score([(e, controls) for e in chunk])
+            for i, r in zip(todo[b: b + 256], scored):
+                res[i] = r
+            if score_log:
+                score_log.add(controls, chunk, scored)
+            log(f"  {name}: {len(examples) - len(todo) + b + len(chunk)}/{len(examples)} examples")
         correct = [r.correct for r in res]
         if not base_correct:  # the first method run is the base
             base_correct.extend(correct)
         methods[name] = {"controls": controls, "seconds": time.perf_counter() - t0,
+                         "scored": len(todo),  # the rest came from the score log
                          "tasks": summarise(res, examples),
                          "vs_base": paired_delta(base_correct, correct, task_of)}
         s, d = methods[name]["tasks"], methods[name]["vs_base"]
@@ -317,9 +415,10 @@ def provenance(checkpoint: Path) -> dict:
 
 def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | None, biases,
          generation: int, out: Path, dtype: str | None = None, format: str | None = None,
-         seed: int = 0, static: bool = True, log=print) -> dict:
-    """Run the whole evaluation, print the table, write JSON/Markdown/PNGs, and
-    record the table in the shipped router card when these are its routers."""
+         seed: int = 0, static: bool = True, log=print, record_card: bool = False) -> dict:
+    """Run the whole evaluation, print the table, write JSON/Markdown/PNGs;
+    with record_card, record the table in the shipped router card when these
+    are its routers (else a small run would replace the card's table)."""
     from ..checkpoint import ROUTER_WEIGHTS_DIR, shipped_routers
     from ..config import default_dtype
     from .scoring import Scorer, make_engine
@@ -327,8 +426,10 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
     dtype = dtype or default_dtype()
     llm = make_engine(checkpoint, dtype=dtype)
     report = {**provenance(checkpoint), "dtype": dtype}
+    identity = {"model": model, "routers_sha256": report["routers_sha256"], "dtype": dtype}
+    score_log = ScoreLog(_beside(out, ".scores.jsonl.gz"), identity)
     report.update(run_eval(Scorer(llm), checkpoint, limit_in, limit_out, biases, format, seed,
-                           static=static, log=log))
+                           static=static, log=log, score_log=score_log))
     if generation:
         report["generation_base"] = generation_baseline(llm, generation, seed=seed)
         log("free-form generation, base model: " + ", ".join(
@@ -344,7 +445,9 @@ def main(checkpoint: Path, model: str, limit_in: int | None, limit_out: int | No
     log(f"wrote {_beside(out, '.json')}, {_beside(out, '.md')}, "
         + ", ".join(map(str, files)))
     shipped = shipped_routers(model)
-    if shipped and shipped.card["routers_sha256"] == report["routers_sha256"]:
+    if record_card and not (shipped and shipped.card["routers_sha256"] == report["routers_sha256"]):
+        log(f"--card: nothing recorded: the routers evaluated are not the ones shipped for {model}")
+    elif record_card:  # these are the shipped routers
         card_path = ROUTER_WEIGHTS_DIR / model / "card.json"
         card = json.loads(card_path.read_text())
         card["evaluation"] = {"command": report["command"], "date": report["date"],

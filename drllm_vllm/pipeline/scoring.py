@@ -8,6 +8,19 @@ schedule, decided by the question alone. Many
 examples, each with its own controls (routed, full, a forced schedule, a
 bias), go to the engine in one call: this is how search, evaluation and the
 benchmarks use it.
+
+Shared prefixes are computed once. vLLM does not read the prefix cache for
+a request that asks for prompt log-probs (it cannot return log-probs for
+cached positions), so each choice would recompute the few-shot examples and
+the question. Where the choices of an example share at least one KV block,
+the scorer first sends that shared prefix alone (no log-probs); it is routed
+and cached under its schedule (caching.py), and the choices, sent next with
+cache reading on, are pinned to the same schedule and compute only their
+uncached tails. vLLM leaves the log-probs of cached positions unset
+(measured: they hold stale memory), so a choice is used only if its first
+scored position is past the cached ones; any other choice (its continuation
+shares whole blocks with another choice's) is scored again without the cache.
+Measured with SmolLM2: five-shot scoring about 3x faster (ENGINE_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -18,7 +31,14 @@ from ..config import default_dtype
 from ..schedule import Schedule, layer_applications
 from .tasks import Example, continuation_logprob, encode, per_char, pick, route_span
 
-ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64)
+# block_size 32 (vLLM's CPU default is 128): shared prefixes are cached in
+# whole blocks. Plain vs prefix-first scoring of 48 seeded questions (12 each
+# of arithmetic, ARC-Easy, HellaSwag, BoolQ), SmolLM2, bf16, 2 cores, with
+# 32-token / 128-token blocks: zero-shot full 9.0 -> 6.6 s / 10.2 -> 8.7 s;
+# chat routed 15.1 -> 8.9 s / 18.1 -> 13.9 s; five-shot routed 60.6 -> 22.2 s
+# / 68.0 -> 18.5 s (same predictions and schedules in all six)
+ENGINE_DEFAULTS = dict(max_model_len=2048, max_num_batched_tokens=4096, max_num_seqs=64,
+                       block_size=32)
 # prompt log-probs hold a few fp32 [step tokens, vocab] tensors at once: a step
 # of 4096 tokens over Qwen2.5's 151,936-token vocabulary (2.5 GB each) ran the
 # worker out of memory on a 23 GB machine, so a step's logits stay under this
@@ -74,6 +94,11 @@ class Scorer:
         self._encoded: dict[tuple[str, int, str], tuple[list[list[int]], int]] = {}
         self._starts: dict[tuple[str, int, str], list[int]] = {}
         self._span: dict[tuple[str, int, str], tuple[int, int]] = {}
+        cache = llm.llm_engine.vllm_config.cache_config
+        # shared prefixes are sent first when they fill at least one KV block
+        self.prefix_block: int | None = cache.block_size if cache.enable_prefix_caching else None
+        self.cached_tokens = 0  # prompt tokens read from the prefix cache, all calls
+        self.recomputed = 0  # choices scored again because scored positions were cached
 
     def encoded(self, e: Example) -> tuple[list[list[int]], int]:
         """Token ids per choice and the length of the prefix they share."""
@@ -107,28 +132,44 @@ class Scorer:
 
         from .. import schedule_of
 
-        prompts, params, owner = [], [], []
-        for k, (e, controls) in enumerate(items):
-            ids, _ = self.encoded(e)
+        def params(controls: dict, e: Example, **kw) -> SamplingParams:
             start, end = self.route_span(e)
-            route = {"drllm_route_tokens": end}
-            if start:
-                route["drllm_route_start"] = start
-            sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                extra_args={**controls, **route})
-            for p in ids:
-                prompts.append(TokensPrompt(prompt_token_ids=p))
-                params.append(sp)
-                owner.append(k)
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+            route = {"drllm_route_tokens": end, **({"drllm_route_start": start} if start else {})}
+            return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                  extra_args={**controls, **route}, **kw)
+
+        def run(requests: list[tuple[list[int], SamplingParams]]) -> list:
+            return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests],
+                                     [sp for _, sp in requests], use_tqdm=False)
+
+        block = self.prefix_block
+        cached = [block is not None and self.encoded(e)[1] >= block for e, _ in items]
+        run([(self.encoded(e)[0][0][:self.encoded(e)[1]], params(c, e))  # shared prefixes
+             for (e, c), use in zip(items, cached) if use])
+        requests, owner = [], []
+        for k, (e, controls) in enumerate(items):
+            sp = params(controls, e, prompt_logprobs=0, skip_reading_prefix_cache=not cached[k])
+            for choice, p in enumerate(self.encoded(e)[0]):
+                requests.append((p, sp))
+                owner.append((k, choice))
+        outs = run(requests)
+        again = [i for i, (out, (k, choice)) in enumerate(zip(outs, owner))
+                 if (out.num_cached_tokens or 0) >= self.continuation_starts(items[k][0])[choice]]
+        if again:  # scored positions fell in cached blocks: recompute those choices
+            redo = [(requests[i][0], params(items[owner[i][0]][1], items[owner[i][0]][0],
+                                            prompt_logprobs=0, skip_reading_prefix_cache=True))
+                    for i in again]
+            for i, out in zip(again, run(redo)):
+                outs[i] = out
+            self.recomputed += len(again)
+        self.cached_tokens += sum(out.num_cached_tokens or 0 for out in outs)
         logprobs: list[list[float]] = [[] for _ in items]
         schedules: list[set] = [set() for _ in items]
-        for k, out in zip(owner, outs):
+        for (k, choice), out in zip(owner, outs):
             e = items[k][0]
-            ids, _ = self.encoded(e)
-            choice = len(logprobs[k])
             start = self.continuation_starts(e)[choice]
-            logprobs[k].append(continuation_logprob(out.prompt_logprobs, ids[choice], start))
+            logprobs[k].append(continuation_logprob(out.prompt_logprobs,
+                                                    self.encoded(e)[0][choice], start))
             schedules[k].add(schedule_of(out))
         results = []
         for k, (e, _) in enumerate(items):

@@ -367,7 +367,7 @@ def train_and_ship(checkpoint: Path, model: str, search_paths: list[Path], out: 
                                                       {formats[0]: best["val_macro_f1"]}),
                        "recall": dict(zip(CLASS_NAMES, best["val_recall"])),
                        "layer_accuracy": best.get("val_layer_accuracy"), "history": history},
-        "evaluation": None,  # filled in by `drllm eval`
+        "evaluation": None,  # filled in by `drllm eval --card`
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     log(f"wrote {out / 'routers.safetensors'} and {out / 'card.json'} (validation macro-F1 "
