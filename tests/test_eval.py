@@ -214,6 +214,19 @@ def test_chat_check_scoring_on_known_strings():
     assert row["accuracy"] == 0.0 and row["degenerate"] == 0
 
 
+def test_chat_check_table_pairs_each_method_with_full():
+    """By hand: routed loses question 1 and gains question 3 of 4 (differences
+    0, -100, 0, +100: mean 0, se = sqrt(20000/3/4) = 40.8); its one
+    degenerate answer is one where full's answer read as text."""
+    qs = tuple((f"Q{i}?", (a,)) for i, a in enumerate(["Tokyo", "Paris", "Rome", "Berlin"]))
+    result = {"full": chat_check.summarise(["Tokyo", "Paris", "Roma", "Bonn"], [30] * 4, qs),
+              "routed bias +0.00": chat_check.summarise(
+                  ["Tokyo", "Lyon Lyon Lyon Lyon", "Roma", "Berlin"], [28, 27, 29, 30], qs)}
+    md = chat_check.table(result)
+    assert "| full | 50.0 | 2/4 | +0.0 ± 0.0 | 0 | 0 (0) | 30.00 |" in md
+    assert "| routed bias +0.00 | 50.0 | 2/4 | +0.0 ± 40.8 | 2 | 1 (1) | 28.50 |" in md
+
+
 def test_chat_questions_are_many_and_do_not_give_their_answers():
     qs = chat_check.QUESTIONS
     assert len(qs) >= 40 and len({q for q, _ in qs}) == len(qs)

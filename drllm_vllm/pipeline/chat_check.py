@@ -173,15 +173,23 @@ def run(llm, biases, max_tokens: int = 48, questions=QUESTIONS) -> dict:
 
 
 def table(result: dict) -> str:
-    """Markdown: per method, accuracy, answers changed vs full, degenerate
-    answers and mean layers; then the questions some method got wrong."""
+    """Markdown: per method, accuracy, its paired difference from full (points
+    ± one standard error over the same questions), answers changed vs full,
+    degenerate answers (and how many of them where full's answer was not),
+    mean layers; then the questions some method got wrong."""
+    from .evaluate import mean_se
+
     full = result["full"]["answers"]
-    lines = ["| method | accuracy % | right | changed vs full | degenerate | layers |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | accuracy % | right | vs full | changed vs full | degenerate "
+             "(full not) | layers |", "|---|---|---|---|---|---|---|"]
     for name, m in result.items():
-        changed = sum(a["answer"] != f["answer"] for a, f in zip(m["answers"], full))
+        pairs = list(zip(m["answers"], full))
+        changed = sum(a["answer"] != f["answer"] for a, f in pairs)
+        delta, se = mean_se([100 * (int(a["correct"]) - int(f["correct"])) for a, f in pairs])
+        new = sum(bool(a["degenerate"]) and not f["degenerate"] for a, f in pairs)
         lines.append(f"| {name} | {m['accuracy']:.1f} | {sum(a['correct'] for a in m['answers'])}"
-                     f"/{m['n']} | {changed} | {m['degenerate']} | {m['layers']:.2f} |")
+                     f"/{m['n']} | {delta:+.1f} ± {se:.1f} | {changed} | {m['degenerate']} "
+                     f"({new}) | {m['layers']:.2f} |")
     wrong = [i for i in range(len(full))
              if any(not m["answers"][i]["correct"] or m["answers"][i]["degenerate"]
                     for m in result.values())]

@@ -114,6 +114,12 @@ def summarise(results, examples) -> dict:
     return row
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample variance / n; 0 for n = 1)."""
+    m = sum(values) / len(values)
+    return m, (sum((x - m) ** 2 for x in values) / max(len(values) - 1, 1) / len(values)) ** 0.5
+
+
 def paired_delta(base: list[bool], other: list[bool], task_of: list[str]) -> dict:
     """(other - base) accuracy in points with its standard error from the
     per-example paired differences (the same examples ran under both methods,
@@ -127,9 +133,8 @@ def paired_delta(base: list[bool], other: list[bool], task_of: list[str]) -> dic
         ds = [by_task[t] for t in names if t in by_task]
         if not ds:
             continue
-        means = [sum(d) / len(d) for d in ds]
-        # variance of each task's mean difference (sample variance / n)
-        var = [sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d) for d, m in zip(ds, means)]
+        means, ses = zip(*map(mean_se, ds))
+        var = [se ** 2 for se in ses]  # of each task's mean difference
         for t, m, v in zip([t for t in names if t in by_task], means, var):
             out[t] = {"delta": 100 * m, "se": 100 * v ** 0.5}
         out[group] = {"delta": 100 * sum(means) / len(ds),
