@@ -288,12 +288,23 @@ def test_shared_prefixes_are_computed_once_and_score_as_without_the_cache(dr_llm
         (got,) = cached.score([(e, controls)])
         # choices 0 and 1 read the shared prefix's blocks
         assert cached.cached_tokens - before >= 2 * (shared // block) * block
+        cached.memo.clear()  # else the result is known (below)
         (again,) = cached.score([(e, controls)])  # 2 and 3 find each other's blocks
         assert cached.recomputed > recomputed
         for r in (got, again):
             assert r.schedule == want.schedule and r.pred == want.pred
             assert r.scores == pytest.approx(want.scores, abs=1e-4)
     assert 0 < sum(want.schedule) < 30  # the routed schedule skips some layers, not all
+    # a question scored under a schedule is not scored again under it, whatever
+    # the controls: the routed prefix fixes the schedule, and the result is known
+    computed = cached.computed
+    (known,) = cached.score([(e, {"drllm_mode": "routed", "drllm_bias": -0.2})])
+    (forced,) = cached.score([(e, {"drllm_mode": "schedule", "drllm_schedule": list(want.schedule)})])
+    assert cached.computed == computed
+    assert known.schedule == forced.schedule == want.schedule
+    assert known.scores == forced.scores == again.scores
+    (base,) = cached.score([(e, {"drllm_mode": "full"})])
+    assert cached.computed == computed + 1 and base.schedule == (1,) * 30
 
 
 def test_score_log_resumes_and_survives_a_cut_off_append(tmp_path):

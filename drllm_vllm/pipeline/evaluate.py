@@ -191,6 +191,13 @@ class ScoreLog:
             else:
                 self._others.append(line if line.endswith("\n") else line + "\n")
 
+    def memo(self) -> dict[tuple, tuple[int, tuple[float, ...]]]:
+        """Every logged result as `Scorer.memo` entries: (task, doc id, format,
+        schedule) -> (pred, scores); a schedule fixes the result, whatever
+        the controls that led to it."""
+        return {(r["task"], r["doc_id"], r["format"], tuple(int(c) for c in r["schedule"])):
+                (r["pred"], tuple(r["scores"])) for r in self.rows.values()}
+
     @staticmethod
     def _key(controls: dict | str, task: str, doc_id: int, format: str) -> tuple:
         c = controls if isinstance(controls, str) else json.dumps(controls, sort_keys=True)
@@ -252,11 +259,13 @@ def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | No
         f"{sum(len(e.continuations) for e in examples)} requests per method")
     methods: dict[str, dict] = {}
     heat = None
+    if score_log:
+        scorer.memo.update(score_log.memo())
     task_of = [e.task for e in examples]
     base_correct: list[bool] = []
 
     def run(name: str, controls: dict) -> list:
-        t0 = time.perf_counter()
+        t0, computed_before = time.perf_counter(), scorer.computed
         res = [score_log.get(controls, e) if score_log else None for e in examples]
         todo = [i for i, r in enumerate(res) if r is None]
         if len(todo) < len(examples):
@@ -269,11 +278,14 @@ def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | No
             if score_log:
                 score_log.add(controls, chunk, scored)
             log(f"  {name}: {len(examples) - len(todo) + b + len(chunk)}/{len(examples)} examples")
+        computed = scorer.computed - computed_before
         correct = [r.correct for r in res]
         if not base_correct:  # the first method run is the base
             base_correct.extend(correct)
         methods[name] = {"controls": controls, "seconds": time.perf_counter() - t0,
-                         "scored": len(todo),  # the rest came from the score log
+                         # run through the engine; the rest were known (score log, or
+                         # another method that ran the same schedule: Scorer.known)
+                         "computed": computed,
                          "tasks": summarise(res, examples),
                          "vs_base": paired_delta(base_correct, correct, task_of)}
         s, d = methods[name]["tasks"], methods[name]["vs_base"]
@@ -281,7 +293,8 @@ def run_eval(scorer, checkpoint: Path, limit_in: int | None, limit_out: int | No
             f"{g.replace('_', '-')} {s[g]['accuracy']:.1f}% ({d[g]['delta']:+.1f} ± "
             f"{d[g]['se']:.1f} vs base) at {s[g]['layers']:.2f} layers"
             for g in ("in_domain", "out_of_domain") if g in s)
-            + f" ({methods[name]['seconds']:.0f} s)")
+            + f" ({methods[name]['seconds']:.0f} s; {computed} of {len(examples)} "
+            "questions computed, the rest known)")
         return res
 
     run("base", {"drllm_mode": "full"})

@@ -99,6 +99,10 @@ class Scorer:
         self.prefix_block: int | None = cache.block_size if cache.enable_prefix_caching else None
         self.cached_tokens = 0  # prompt tokens read from the prefix cache, all calls
         self.recomputed = 0  # choices scored again because scored positions were cached
+        self.num_layers = llm.llm_engine.model_config.hf_config.num_hidden_layers
+        # (task, doc id, format, schedule) -> (pred, per-choice scores), all calls
+        self.memo: dict[tuple, tuple[int, tuple[float, ...]]] = {}
+        self.computed = 0  # questions whose choices went through the engine, all calls
 
     def encoded(self, e: Example) -> tuple[list[list[int]], int]:
         """Token ids per choice and the length of the prefix they share."""
@@ -125,8 +129,33 @@ class Scorer:
         self.encoded(e)
         return self._span[(e.task, e.doc_id, e.format)]
 
+    def known(self, e: Example, schedule: Schedule) -> Scored | None:
+        """A result for `e` under `schedule` scored before, by any controls."""
+        hit = self.memo.get((e.task, e.doc_id, e.format, tuple(schedule)))
+        if hit is None:
+            return None
+        pred, scores = hit
+        return Scored(pred, pred == e.gold, tuple(schedule), layer_applications(schedule),
+                      scores[e.gold], tuple(scores))
+
+    def remember(self, e: Example, r: Scored) -> None:
+        self.memo[(e.task, e.doc_id, e.format, tuple(r.schedule))] = (r.pred, tuple(r.scores))
+
+    def _fixed_schedule(self, controls: dict) -> Schedule | None:
+        """The schedule `controls` force, when they say so explicitly."""
+        mode = controls.get("drllm_mode")
+        if mode == "full":
+            return (1,) * self.num_layers
+        if mode == "schedule":
+            return tuple(controls["drllm_schedule"])
+        return None
+
     def score(self, items: list[tuple[Example, dict]]) -> list[Scored]:
-        """items: (example, drllm controls such as {"drllm_mode": "full"})."""
+        """items: (example, drllm controls such as {"drllm_mode": "full"}).
+
+        A question whose schedule is known (forced, or fixed by its routed
+        prefix) and was scored under that schedule before (`known`) is not
+        scored again: a schedule fixes the computation."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -143,16 +172,32 @@ class Scorer:
                                      [sp for _, sp in requests], use_tqdm=False)
 
         block = self.prefix_block
-        cached = [block is not None and self.encoded(e)[1] >= block for e, _ in items]
-        run([(self.encoded(e)[0][0][:self.encoded(e)[1]], params(c, e))  # shared prefixes
-             for (e, c), use in zip(items, cached) if use])
+        fixed = [self._fixed_schedule(c) for _, c in items]
+        results: list[Scored | None] = [
+            self.known(e, f) if f is not None else None for (e, _), f in zip(items, fixed)]
+        cached = [r is None and block is not None and self.encoded(e)[1] >= block
+                  for (e, _), r in zip(items, results)]
+        # wave 1, the shared prefixes: routed ones to learn their schedules, the
+        # rest to fill the cache (only where a whole block is shared)
+        first = [k for k, (r, f) in enumerate(zip(results, fixed))
+                 if r is None and (f is None or cached[k])]
+        outs = run([(self.encoded(items[k][0])[0][0][:self.encoded(items[k][0])[1]],
+                     params(items[k][1], items[k][0])) for k in first])
+        for k, out in zip(first, outs):
+            if fixed[k] is None:
+                fixed[k] = schedule_of(out)
+                results[k] = self.known(items[k][0], fixed[k])
+        # wave 2: the choices of every question not known
         requests, owner = [], []
         for k, (e, controls) in enumerate(items):
+            if results[k] is not None:
+                continue
             sp = params(controls, e, prompt_logprobs=0, skip_reading_prefix_cache=not cached[k])
             for choice, p in enumerate(self.encoded(e)[0]):
                 requests.append((p, sp))
                 owner.append((k, choice))
-        outs = run(requests)
+        outs = run(requests) if requests else []
+        self.computed += len({k for k, _ in owner})
         again = [i for i, (out, (k, choice)) in enumerate(zip(outs, owner))
                  if (out.num_cached_tokens or 0) >= self.continuation_starts(items[k][0])[choice]]
         if again:  # scored positions fell in cached blocks: recompute those choices
@@ -163,22 +208,22 @@ class Scorer:
                 outs[i] = out
             self.recomputed += len(again)
         self.cached_tokens += sum(out.num_cached_tokens or 0 for out in outs)
-        logprobs: list[list[float]] = [[] for _ in items]
-        schedules: list[set] = [set() for _ in items]
+        logprobs: dict[int, list[float]] = {}
+        schedules: dict[int, set] = {}
         for (k, choice), out in zip(owner, outs):
             e = items[k][0]
             start = self.continuation_starts(e)[choice]
-            logprobs[k].append(continuation_logprob(out.prompt_logprobs,
-                                                    self.encoded(e)[0][choice], start))
-            schedules[k].add(schedule_of(out))
-        results = []
-        for k, (e, _) in enumerate(items):
-            if len(schedules[k]) != 1:  # all choices share the routed prefix
+            logprobs.setdefault(k, []).append(continuation_logprob(
+                out.prompt_logprobs, self.encoded(e)[0][choice], start))
+            schedules.setdefault(k, set()).add(schedule_of(out))
+        for k, lp in logprobs.items():
+            e = items[k][0]
+            if schedules[k] != {fixed[k]}:  # all choices share the prefix's schedule
                 raise RuntimeError(f"{e.task} doc {e.doc_id}: choices ran under "
-                                   f"different schedules {schedules[k]}")
-            (sched,) = schedules[k]
-            pred = pick(logprobs[k], e.continuations)
-            scores = tuple(per_char(logprobs[k], e.continuations))
-            results.append(Scored(pred, pred == e.gold, sched, layer_applications(sched),
-                                  scores[e.gold], scores))
+                                   f"{schedules[k]}, their prefix under {fixed[k]}")
+            pred = pick(lp, e.continuations)
+            scores = tuple(per_char(lp, e.continuations))
+            results[k] = Scored(pred, pred == e.gold, fixed[k], layer_applications(fixed[k]),
+                                scores[e.gold], scores)
+            self.remember(e, results[k])
         return results
