@@ -205,16 +205,12 @@ class ScoreLog:
 
     def get(self, controls: dict, e: tasks.Example):
         """The logged result of `e` under `controls`, or None."""
-        from ..schedule import layer_applications
         from .scoring import Scored
 
         row = self.rows.get(self._key(controls, e.task, e.doc_id, e.format))
         if row is None:
             return None
-        schedule = tuple(int(c) for c in row["schedule"])
-        scores = tuple(row["scores"])
-        return Scored(row["pred"], row["pred"] == e.gold, schedule,
-                      layer_applications(schedule), scores[e.gold], scores)
+        return Scored.of(e, map(int, row["schedule"]), row["pred"], row["scores"])
 
     def add(self, controls: dict, examples, results) -> None:
         """Append the results of `examples` under `controls` (one gzip member)."""

@@ -64,6 +64,13 @@ class Scored:
     gold_score: float  # the gold choice's log-probability per character
     scores: tuple[float, ...] = ()  # every choice's log-probability per character
 
+    @classmethod
+    def of(cls, e: Example, schedule, pred: int, scores) -> Scored:
+        """The result of `e` that predicted `pred` with per-choice `scores`."""
+        schedule, scores = tuple(schedule), tuple(scores)
+        return cls(pred, pred == e.gold, schedule, layer_applications(schedule),
+                   scores[e.gold], scores)
+
 
 def make_engine(checkpoint: str, dtype: str | None = None, **overrides):
     """An offline vLLM engine on a Dr.LLM checkpoint, sized for scoring."""
@@ -132,11 +139,7 @@ class Scorer:
     def known(self, e: Example, schedule: Schedule) -> Scored | None:
         """A result for `e` under `schedule` scored before, by any controls."""
         hit = self.memo.get((e.task, e.doc_id, e.format, tuple(schedule)))
-        if hit is None:
-            return None
-        pred, scores = hit
-        return Scored(pred, pred == e.gold, tuple(schedule), layer_applications(schedule),
-                      scores[e.gold], tuple(scores))
+        return None if hit is None else Scored.of(e, schedule, *hit)
 
     def remember(self, e: Example, r: Scored) -> None:
         self.memo[(e.task, e.doc_id, e.format, tuple(r.schedule))] = (r.pred, tuple(r.scores))
@@ -168,8 +171,14 @@ class Scorer:
                                   extra_args={**controls, **route}, **kw)
 
         def run(requests: list[tuple[list[int], SamplingParams]]) -> list:
+            if not requests:
+                return []
             return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests],
                                      [sp for _, sp in requests], use_tqdm=False)
+
+        def prefix(e: Example) -> list[int]:  # the tokens every choice of e shares
+            ids, shared = self.encoded(e)
+            return ids[0][:shared]
 
         block = self.prefix_block
         fixed = [self._fixed_schedule(c) for _, c in items]
@@ -181,8 +190,7 @@ class Scorer:
         # rest to fill the cache (only where a whole block is shared)
         first = [k for k, (r, f) in enumerate(zip(results, fixed))
                  if r is None and (f is None or cached[k])]
-        outs = run([(self.encoded(items[k][0])[0][0][:self.encoded(items[k][0])[1]],
-                     params(items[k][1], items[k][0])) for k in first])
+        outs = run([(prefix(items[k][0]), params(items[k][1], items[k][0])) for k in first])
         for k, out in zip(first, outs):
             if fixed[k] is None:
                 fixed[k] = schedule_of(out)
@@ -196,7 +204,7 @@ class Scorer:
             for choice, p in enumerate(self.encoded(e)[0]):
                 requests.append((p, sp))
                 owner.append((k, choice))
-        outs = run(requests) if requests else []
+        outs = run(requests)
         self.computed += len({k for k, _ in owner})
         again = [i for i, (out, (k, choice)) in enumerate(zip(outs, owner))
                  if (out.num_cached_tokens or 0) >= self.continuation_starts(items[k][0])[choice]]
@@ -221,9 +229,7 @@ class Scorer:
             if schedules[k] != {fixed[k]}:  # all choices share the prefix's schedule
                 raise RuntimeError(f"{e.task} doc {e.doc_id}: choices ran under "
                                    f"{schedules[k]}, their prefix under {fixed[k]}")
-            pred = pick(lp, e.continuations)
-            scores = tuple(per_char(lp, e.continuations))
-            results[k] = Scored(pred, pred == e.gold, fixed[k], layer_applications(fixed[k]),
-                                scores[e.gold], scores)
+            results[k] = Scored.of(e, fixed[k], pick(lp, e.continuations),
+                                   per_char(lp, e.continuations))
             self.remember(e, results[k])
         return results
