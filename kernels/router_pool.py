@@ -28,7 +28,9 @@ so concurrent calls on different streams of one device are not supported.
 import dataclasses
 import functools
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -47,6 +49,29 @@ except ImportError:  # the torch reference still works
 # ---------------------------------------------------------------------------
 
 
+def window_layout(
+    starts: torch.Tensor, lengths: torch.Tensor, num_windows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the windows of packed sequences lie (host arrays).
+
+    Sequence s is rows starts[s] : starts[s] + lengths[s] (lengths >= 1); it
+    has Wc = min(W, T) windows of T // Wc rows. Returns (rows [K] int64: the
+    kept rows of every window in order, window offsets [sum of Wc] int64: where
+    each window begins in `rows`, windows [S] int64: Wc per sequence).
+    """
+    st = starts.cpu().numpy().astype(np.int64)
+    ln = lengths.cpu().numpy().astype(np.int64)
+    windows = np.minimum(num_windows, ln)
+    per_window = ln // windows
+    kept = windows * per_window  # the last T mod Wc rows are dropped
+    kept_before = np.cumsum(kept) - kept
+    rows = np.repeat(st - kept_before, kept) + np.arange(int(kept.sum()), dtype=np.int64)
+    windows_before = np.cumsum(windows) - windows
+    j = np.arange(int(windows.sum()), dtype=np.int64) - np.repeat(windows_before, windows)
+    offsets = np.repeat(kept_before, windows) + j * np.repeat(per_window, windows)
+    return rows, offsets, windows
+
+
 def route_logits_ref(
     hidden: torch.Tensor,
     starts: torch.Tensor,
@@ -62,31 +87,31 @@ def route_logits_ref(
 
     hidden (and residual, added in fp32 when given) are packed rows [N, d];
     sequence s is rows starts[s] : starts[s] + lengths[s] (lengths >= 1).
-    A sequence's windows are contiguous rows, so its window means are a
-    reshape of one slice (no gather or scatter); the MLP then runs once on
-    every window of every sequence. This is also the CPU path, where it
-    costs a few small ops per sequence (starts and lengths are read on the
-    host).
+    Every window of every sequence is pooled by one `embedding_bag` (mean
+    over the window's rows) and the MLP runs once on all windows. This is
+    also the CPU path, where each op costs tens of microseconds to start
+    (OpenMP wake-ups), whatever its size, so the op count must not grow
+    with the number of sequences. starts and lengths are read on the host.
     """
-    means, counts = [], []
-    for start, length in zip(starts.tolist(), lengths.tolist()):
-        windows = min(num_windows, length)
-        kept = windows * (length // windows)  # the last T mod Wc rows are dropped
-        x = hidden[start : start + kept].float()
-        if residual is not None:
-            x = x + residual[start : start + kept].float()
-        means.append(x.view(windows, kept // windows, -1).mean(dim=1))
-        counts.append(windows)
-    if not means:
+    if starts.numel() == 0:
         empty = hidden.new_zeros(0, 3, dtype=torch.float32)
         return empty, empty.argmax(dim=-1)
-    h = torch.nn.functional.linear(torch.cat(means), w1.float(), b1.float())
-    h = torch.nn.functional.gelu(h, approximate="tanh")
-    per_window = torch.nn.functional.linear(h, w2.float(), b2.float())  # [sum of windows, 3]
-    if len(set(counts)) == 1:  # usual: every prompt has at least W tokens
-        logits = per_window.view(len(counts), counts[0], 3).mean(dim=1)
+    rows, offsets, windows = window_layout(starts, lengths, num_windows)
+    lo, hi = int(rows.min()), int(rows.max()) + 1  # convert only the span pooled
+    x = hidden[lo:hi].to(torch.float32, copy=True)
+    if residual is not None:
+        x.add_(residual[lo:hi])  # in fp32
+    dev = hidden.device
+    means = F.embedding_bag(torch.from_numpy(rows - lo).to(dev), x,
+                            torch.from_numpy(offsets).to(dev), mode="mean")
+    h = F.gelu(F.linear(means, w1.float(), b1.float()), approximate="tanh")
+    per_window = F.linear(h, w2.float(), b2.float())  # [sum of windows, 3]
+    if (windows == windows[0]).all():  # usual: every prompt has at least W tokens
+        logits = per_window.view(len(windows), int(windows[0]), 3).mean(dim=1)
     else:
-        logits = torch.stack([part.mean(dim=0) for part in per_window.split(counts)])
+        index = torch.arange(per_window.shape[0], device=dev)
+        before = torch.from_numpy(np.cumsum(windows) - windows).to(dev)
+        logits = F.embedding_bag(index, per_window, before, mode="mean")
     return logits, logits.argmax(dim=-1)
 
 
