@@ -64,6 +64,7 @@ class StepBatch:
     num_layers: int
     _token_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     _restore: dict[tuple[int, ...], tuple[int, ...] | None] = field(default_factory=dict)
+    _keep_mask: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     _route_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False
     )
@@ -92,8 +93,8 @@ class StepBatch:
             or not np.array_equal(previous.actions, self.actions)
         ):
             return
-        self._plan, self._token_index, self._restore = (
-            previous._plan, previous._token_index, previous._restore)
+        self._plan, self._token_index, self._restore, self._keep_mask = (
+            previous._plan, previous._token_index, previous._restore, previous._keep_mask)
 
     def _row_sets(self, actions: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """[(rows executing l, rows repeating l)] for the columns of `actions`."""
@@ -155,6 +156,16 @@ class StepBatch:
             idx = torch.from_numpy(token_positions(self.query_start, rows)).to(device)
             self._token_index[rows] = idx
         return idx
+
+    def keep_mask(self, rows: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        """[T, 1] bool on `device`: True on the tokens of `rows` (built once per
+        step per row set)."""
+        mask = self._keep_mask.get(rows)
+        if mask is None:
+            m = np.zeros((int(self.query_start[-1]), 1), dtype=bool)
+            m[token_positions(self.query_start, rows)] = True
+            mask = self._keep_mask[rows] = torch.from_numpy(m).to(device)
+        return mask
 
     def route_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(start, pooled length, bias) of each routed row; the same for every layer."""

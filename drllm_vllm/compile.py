@@ -39,11 +39,15 @@ from typing import Any
 import torch
 
 # the arguments of `_decoder_layer` that change from call to call
-_PER_CALL = ("positions", "hidden", "residual")
+_PER_CALL = ("positions", "hidden", "residual", "keep")
 
 
-def _decoder_layer(layer, positions, hidden, residual):
-    return layer(positions, hidden, residual)
+def _decoder_layer(layer, positions, hidden, residual, keep):
+    out_hidden, out_residual = layer(positions, hidden, residual)
+    if keep is None:
+        return out_hidden, out_residual
+    # rows to leave as they were: selected in the graph's own elementwise code
+    return torch.where(keep, hidden, out_hidden), torch.where(keep, residual, out_residual)
 
 
 class LayerGraph:
@@ -53,14 +57,21 @@ class LayerGraph:
     Shapes: positions [T] int64; hidden and residual [T, hidden_size] in the
     model dtype, T any number of tokens >= 1 (the first call fixes nothing but
     the rank and dtypes). `residual` must be a tensor (zeros before layer 0).
+    With `keep=True` the graph takes a fourth input, keep [T, 1] bool, and
+    returns the input hidden and residual unchanged on the tokens where it is
+    True (rows that skip a layer run with the others: model.py), in one
+    elementwise pass fused with the layer's own code.
     The first call traces and compiles (seconds to a minute on 2 cores);
     `compiled` says whether that has happened.
     """
 
-    def __init__(self, inductor_options: dict[str, Any]):
+    def __init__(self, inductor_options: dict[str, Any], keep: bool = False):
         self.options = dict(inductor_options)
+        self.keep = keep
         # A code object of its own, so that Dynamo's cache (keyed by code)
-        # never hands this model's graph to another model in the process.
+        # never hands this model's graph to another model (or to the other
+        # variant) in the process: guards are skipped, so nothing would tell
+        # the two apart.
         code = _decoder_layer.__code__.replace(co_name=f"drllm_layer_graph_{id(self)}")
         fn = types.FunctionType(code, _decoder_layer.__globals__, code.co_name)
         self._dynamo = torch.compile(
@@ -82,15 +93,19 @@ class LayerGraph:
         """Whether calls skip AOT autograd's runtime wrappers (see module doc)."""
         return self._direct is not None
 
-    def __call__(self, layer, positions, hidden, residual):
+    def __call__(self, layer, positions, hidden, residual, keep=None):
+        if (keep is None) == self.keep:
+            raise ValueError(f"this LayerGraph was built with keep={self.keep}; "
+                             f"got keep={'None' if keep is None else 'a mask'}")
         if self._graph is None:
-            for t in (positions, hidden, residual):
-                torch._dynamo.mark_dynamic(t, 0)
+            for t in (positions, hidden, residual, keep):
+                if t is not None:
+                    torch._dynamo.mark_dynamic(t, 0)
         if self._inputs is None:  # first call, or inputs of a kind we do not rebuild
-            return self._dynamo(layer, positions, hidden, residual)
+            return self._dynamo(layer, positions, hidden, residual, keep)
         args = list(self._fixed_inputs(layer))
         for i, get in self._per_call:
-            args[i] = get(positions, hidden, residual)
+            args[i] = get(positions, hidden, residual, keep)
         if self._direct is not None:
             return tuple(self._direct(args))
         return tuple(self._graph(*args))

@@ -454,11 +454,14 @@ class DrRunnerMixin:
         st[f"{kind}_applications"] += applications
 
     def drllm_stats(self, reset: bool = False) -> dict[str, int]:
-        graph = getattr(self.get_model(), "layer_graph", None)
-        # 1 once the shared compiled layer graph exists (0: eager layers)
-        stats = {**self._drllm_stats, "layer_graph_compiled": int(bool(graph and graph.compiled)),
-                 # 1 when its calls run inductor's code without AOT's wrappers
-                 "layer_graph_direct": int(bool(graph and graph.direct))}
+        model = self.get_model()
+        graphs = [getattr(model, name, None) for name in ("layer_graph", "keep_graph")]
+        # 1 once the shared compiled layer graphs (plain and keep-mask) exist
+        # (0: eager layers)
+        stats = {**self._drllm_stats,
+                 "layer_graph_compiled": int(all(g and g.compiled for g in graphs)),
+                 # 1 when their calls run inductor's code without AOT's wrappers
+                 "layer_graph_direct": int(all(g and g.direct for g in graphs))}
         if reset:
             self._drllm_stats = _zero_stats()
         return stats

@@ -71,6 +71,8 @@ class DrModelMixin:
         )
         base = f"{prefix}." if prefix else ""
         self.layer_graph = layer_graph(vllm_config)
+        # the same layer with some rows left unchanged (see _call_layer)
+        self.keep_graph = layer_graph(vllm_config, keep=True)
         self.model.repeat_attn = nn.ModuleDict(
             {
                 str(i): _virtual_attention(
@@ -155,20 +157,28 @@ class DrModelMixin:
 
     def _compile_layer_graph(self, input_ids, positions, inputs_embeds) -> None:
         hidden = self._embed(input_ids, inputs_embeds)
-        self.layer_graph(self.model.layers[0], positions, hidden, torch.zeros_like(hidden))
+        layer, residual = self.model.layers[0], torch.zeros_like(hidden)
+        self.layer_graph(layer, positions, hidden, residual)
+        keep = torch.zeros(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
+        if self.keep_graph is not None:
+            self.keep_graph(layer, positions, hidden, residual, keep)
 
     def _call_layer(self, layer, step, positions, hidden, residual, keep=()):
         """One layer on the given tokens (the shared compiled graph, or eager),
-        except that the rows of `keep` (rows of `step`) leave it unchanged: their
-        states are copied out before and back after."""
+        except that the rows of `keep` (rows of `step`) leave it unchanged: the
+        compiled graph's variant selects their inputs in its own elementwise
+        code; eager copies their states out before and back after."""
+        if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
+            residual = torch.zeros_like(hidden) if self.layer_graph is not None else None
+        if keep and self.keep_graph is not None:
+            mask = step.keep_mask(keep, hidden.device)
+            return self.keep_graph(layer, positions, hidden, residual, mask)
         if keep:
             idx = step.token_index(keep, hidden.device)
             saved = kernels.gather_rows(hidden, idx), kernels.gather_rows(residual, idx)
         if self.layer_graph is None:
             hidden, residual = layer(positions, hidden, residual)
         else:
-            if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
-                residual = torch.zeros_like(hidden)
             hidden, residual = self.layer_graph(layer, positions, hidden, residual)
         if keep:
             kernels.scatter_rows_(hidden, idx, saved[0])
@@ -201,15 +211,16 @@ def _swapped_attention(layer: nn.Module, attn: Attention):
         layer.self_attn.attn = own
 
 
-def layer_graph(vllm_config: VllmConfig) -> LayerGraph | None:
-    """The shared compiled layer graph when vLLM compiles this model with
-    inductor (its default on CPU), else None (eager: `--enforce-eager`, CUDA)."""
+def layer_graph(vllm_config: VllmConfig, keep: bool = False) -> LayerGraph | None:
+    """The shared compiled layer graph (with a keep mask if `keep`) when vLLM
+    compiles this model with inductor (its default on CPU), else None (eager:
+    `--enforce-eager`, CUDA)."""
     from vllm.config import CompilationMode
 
     cc = vllm_config.compilation_config
     if cc.mode in (None, CompilationMode.NONE) or cc.backend != "inductor":
         return None
-    return LayerGraph(cc.inductor_compile_config)
+    return LayerGraph(cc.inductor_compile_config, keep=keep)
 
 
 def _dr_class(base: type) -> type:
