@@ -159,8 +159,8 @@ class DrModelMixin:
         hidden = self._embed(input_ids, inputs_embeds)
         layer, residual = self.model.layers[0], torch.zeros_like(hidden)
         self.layer_graph(layer, positions, hidden, residual)
-        keep = torch.zeros(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
         if self.keep_graph is not None:
+            keep = torch.zeros(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
             self.keep_graph(layer, positions, hidden, residual, keep)
 
     def _call_layer(self, layer, step, positions, hidden, residual, keep=()):
@@ -168,8 +168,8 @@ class DrModelMixin:
         except that the rows of `keep` (rows of `step`) leave it unchanged: the
         compiled graph's variant selects their inputs in its own elementwise
         code; eager copies their states out before and back after."""
-        if residual is None:  # layer 0: residual = hidden + 0, exactly as eager's
-            residual = torch.zeros_like(hidden) if self.layer_graph is not None else None
+        if residual is None and self.layer_graph is not None:
+            residual = torch.zeros_like(hidden)  # layer 0: hidden + 0, exactly as eager's
         if keep and self.keep_graph is not None:
             mask = step.keep_mask(keep, hidden.device)
             return self.keep_graph(layer, positions, hidden, residual, mask)
