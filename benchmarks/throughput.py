@@ -85,8 +85,11 @@ PHASES = ("all", "prefill", "decode")  # the parts of a run timed apart (see `in
 # from the heap instead of being mmapped, faulted in and unmapped every step,
 # and freed memory is not trimmed. Measured on a batch-64 round: 100-180k
 # minor page faults per worker without, under 11k once warm with. Set for
-# every engine alike; the JSON records them.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+# every engine alike; the JSON records them. Both fit mallopt's C int (the
+# trim threshold was 16 GB until 2026-12-01: mallopt took it as 0, so every
+# free trimmed the heap and the next step faulted it back in).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+_C_INT_MAX = 2**31 - 1
 # Every engine runs in this process (engine core and worker included), so the
 # bench can step them in turn (see `interleaved`).
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -102,8 +105,13 @@ def set_malloc_thresholds() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
     except OSError:
         return
-    libc.mallopt(-1, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))  # M_TRIM_THRESHOLD
-    libc.mallopt(-3, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))  # M_MMAP_THRESHOLD
+    # mallopt(int, int): a larger value would wrap (16 GB became 0: trim always)
+    for param, name in ((-1, "MALLOC_TRIM_THRESHOLD_"), (-3, "MALLOC_MMAP_THRESHOLD_")):
+        value = int(os.environ[name])
+        if not 0 <= value <= _C_INT_MAX:
+            raise ValueError(f"{name}={value} is not accepted: mallopt takes 0 to {_C_INT_MAX}")
+        if libc.mallopt(param, ctypes.c_int(value)) != 1:
+            raise OSError(f"mallopt refused {name}={value}")
 
 
 @dataclass
