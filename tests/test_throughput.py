@@ -355,3 +355,42 @@ def test_plan_pairs_every_case_with_the_reference_on_each_rounds_prompts():
     assert x["decode"]["ratio"] == pytest.approx(10, rel=0.3)
     assert row["x_plain_default"] == x["all"]["ratio"] == pytest.approx(60 / 14, rel=0.3)
     assert bench.summarise(cases[0], 30)["x_plain_default"] == 1.0
+
+
+_MALLOC_CHECK = r"""
+import ctypes, ctypes.util, os, sys
+sys.path.insert(0, sys.argv[1])
+import throughput
+os.environ.update(throughput.MALLOC_ENV)
+throughput.set_malloc_thresholds()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+kept = []
+for _ in range(3):  # 20 MB: under the mmap threshold, so from the heap
+    p = libc.malloc(20 << 20)
+    ctypes.memset(p, 1, 20 << 20)
+    touched = rss()
+    libc.free(p)
+    kept.append(touched - rss())
+print(max(kept[1:]))
+os.environ["MALLOC_TRIM_THRESHOLD_"] = str(16 << 30)
+try:
+    throughput.set_malloc_thresholds()
+except ValueError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_bench_malloc_thresholds_keep_freed_memory_and_refuse_what_mallopt_cannot_take():
+    """The bench's heap keeps what a step freed (a 16 GB trim threshold once
+    wrapped to 0 in mallopt's C int: every free trimmed, every step re-faulted)."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    out = subprocess.run([sys.executable, "-c", _MALLOC_CHECK, str(bench)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert int(out[0]) < 1 << 20, f"a freed 20 MB block went back to the OS ({out[0]} bytes)"
+    assert "MALLOC_TRIM_THRESHOLD_=17179869184 is not accepted" in out[1]
