@@ -105,7 +105,7 @@ def set_malloc_thresholds() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
     except OSError:
         return
-    # mallopt(int, int): a larger value would wrap (16 GB became 0: trim always)
+    # mallopt(int, int): a larger value would wrap (see MALLOC_ENV)
     for param, name in ((-1, "MALLOC_TRIM_THRESHOLD_"), (-3, "MALLOC_MMAP_THRESHOLD_")):
         value = int(os.environ[name])
         if not 0 <= value <= _C_INT_MAX:
