@@ -346,3 +346,38 @@ def test_eval_result_files_keep_a_dotted_model_name():
     stem = Path("benchmarks/results/eval_qwen2.5-coder-0.5b-instruct")
     assert _beside(stem, ".json").name == "eval_qwen2.5-coder-0.5b-instruct.json"
     assert _beside(stem, "_pareto.png").name == "eval_qwen2.5-coder-0.5b-instruct_pareto.png"
+
+
+def test_drllm_block_is_parsed_once_per_block_and_again_after_an_in_place_change():
+    from types import SimpleNamespace
+
+    from drllm_vllm import hooks
+
+    cfg = SimpleNamespace(drllm={"num_windows": 4, "skip_layers": [0, 2]}, num_hidden_layers=3)
+    first = hooks._drllm_of(cfg)
+    assert first.skip_layers == (0, 2) and first.num_windows == 4
+    assert hooks._drllm_of(cfg) is first  # memoised: no re-parse per request
+    cfg.drllm["skip_layers"] = [1]  # changed in place: parsed again, not a stale answer
+    assert hooks._drllm_of(cfg).skip_layers == (1,)
+    cfg.drllm["num_windows"] = 0
+    with pytest.raises(ValueError, match="num_windows"):
+        hooks._drllm_of(cfg)
+
+
+def test_layer_action_metrics_count_each_layer_and_action_across_requests():
+    from prometheus_client import REGISTRY
+
+    from drllm_vllm.serving import _observe_metrics
+
+    def count(layer: str, action: str) -> float:
+        return REGISTRY.get_sample_value("drllm_layer_actions_total",
+                                         {"layer": layer, "action": action}) or 0.0
+
+    before = {(l, a): count(l, a) for l in ("0", "1", "2") for a in ("skip", "execute", "repeat")}
+    _observe_metrics([0, 1, 2], 3)
+    _observe_metrics([0, 1, 1], 2)  # children are cached after the first request
+    _observe_metrics([1, 1, 2], 4)
+    delta = {k: count(*k) - v for k, v in before.items()}
+    assert delta == {("0", "skip"): 2, ("0", "execute"): 1, ("0", "repeat"): 0,
+                     ("1", "skip"): 0, ("1", "execute"): 3, ("1", "repeat"): 0,
+                     ("2", "skip"): 0, ("2", "execute"): 1, ("2", "repeat"): 2}
