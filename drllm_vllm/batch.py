@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ class StepBatch:
     _route_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False
     )
+    # the routers' pooling layout (kernels.pooling_layout of route_inputs),
+    # built by the model at the step's first routed layer, read at the others
+    route_layout: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.actions = np.ones((len(self.req_ids), self.num_layers), dtype=np.int8)

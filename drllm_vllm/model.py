@@ -189,11 +189,14 @@ class DrModelMixin:
     def _route_layer(self, i: int, step: StepBatch, hidden, residual) -> None:
         """Fix layer i's action for the rows being routed in this step."""
         starts, lengths, bias = step.route_inputs()
+        if step.route_layout is None:  # the same windows at every layer of the step
+            step.route_layout = kernels.pooling_layout(
+                starts, lengths, self.drllm.num_windows, hidden.device)
         router = self.model.routers[i]
         logits, _ = kernels.route_logits(
             hidden, starts, lengths, self.drllm.num_windows,
             router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias,
-            residual=residual,
+            residual=residual, layout=step.route_layout,
         )
         actions = decide(logits, bias, self.drllm.may_skip(i), self.drllm.may_repeat(i))
         for r, a in zip(step.to_route, actions.tolist()):

@@ -19,7 +19,9 @@ from .dispatch import (
     scatter_rows_ref_,
     scatter_rows_triton_,
 )
-from .router_pool import HAS_TRITON, LaunchConfig, route_logits_ref, route_logits_triton
+from .router_pool import (
+    HAS_TRITON, LaunchConfig, PoolingLayout, pooling_layout, route_logits_ref, route_logits_triton,
+)
 
 _CHOICES = ("auto", "torch", "triton")
 
@@ -54,15 +56,17 @@ def route_logits(
     residual: torch.Tensor | None = None,
     *,
     max_length: int | None = None,
+    layout: PoolingLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [S, 3] fp32 and argmax decisions [S] int64 for packed
     sequences (see router_pool). max_length, when the caller knows it,
-    saves the Triton path a device->host read."""
+    saves the Triton path a device->host read; layout (`pooling_layout` of
+    the same sequences), the torch path its per-call window arithmetic."""
     if _use_triton(hidden):
         return route_logits_triton(
             hidden, starts, lengths, num_windows, w1, b1, w2, b2, residual, max_length=max_length
         )
-    return route_logits_ref(hidden, starts, lengths, num_windows, w1, b1, w2, b2, residual)
+    return route_logits_ref(hidden, starts, lengths, num_windows, w1, b1, w2, b2, residual, layout)
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -87,6 +91,8 @@ __all__ = [
     "gather_rows_triton",
     "kernel_choice",
     "route_logits",
+    "PoolingLayout",
+    "pooling_layout",
     "route_logits_ref",
     "route_logits_triton",
     "scatter_rows_",

@@ -72,6 +72,33 @@ def window_layout(
     return rows, offsets, windows
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolingLayout:
+    """`window_layout` as tensors for `route_logits_ref`. A step's routed
+    sequences are the same at every layer, so the model builds this once per
+    step instead of once per layer (each op costs tens of microseconds here)."""
+
+    lo: int  # rows lo:hi of the packed batch hold every pooled row
+    hi: int
+    rows: torch.Tensor  # [K] int64: the kept rows of every window, minus lo
+    offsets: torch.Tensor  # [sum of Wc] int64: where each window begins in rows
+    windows: np.ndarray  # [S] int64: Wc per sequence
+    before: torch.Tensor | None  # [S] first window of each sequence; None if all Wc equal
+
+
+def pooling_layout(
+    starts: torch.Tensor, lengths: torch.Tensor, num_windows: int, device="cpu"
+) -> PoolingLayout:
+    """The PoolingLayout of packed sequences (see window_layout); S >= 1."""
+    rows, offsets, windows = window_layout(starts, lengths, num_windows)
+    lo, hi = int(rows.min()), int(rows.max()) + 1  # convert only the span pooled
+    uniform = bool((windows == windows[0]).all())  # usual: every prompt has >= W tokens
+    return PoolingLayout(
+        lo, hi, torch.from_numpy(rows - lo).to(device), torch.from_numpy(offsets).to(device),
+        windows, None if uniform else torch.from_numpy(np.cumsum(windows) - windows).to(device),
+    )
+
+
 def route_logits_ref(
     hidden: torch.Tensor,
     starts: torch.Tensor,
@@ -82,6 +109,7 @@ def route_logits_ref(
     w2: torch.Tensor,
     b2: torch.Tensor,
     residual: torch.Tensor | None = None,
+    layout: PoolingLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [S, 3] (fp32) and decisions [S] (int64), in plain torch.
 
@@ -91,27 +119,26 @@ def route_logits_ref(
     over the window's rows) and the MLP runs once on all windows. This is
     also the CPU path, where each op costs tens of microseconds to start
     (OpenMP wake-ups), whatever its size, so the op count must not grow
-    with the number of sequences. starts and lengths are read on the host.
+    with the number of sequences. starts and lengths are read on the host,
+    unless `layout` (`pooling_layout` of the same starts, lengths and
+    num_windows) is given.
     """
     if starts.numel() == 0:
         empty = hidden.new_zeros(0, 3, dtype=torch.float32)
         return empty, empty.argmax(dim=-1)
-    rows, offsets, windows = window_layout(starts, lengths, num_windows)
-    lo, hi = int(rows.min()), int(rows.max()) + 1  # convert only the span pooled
-    x = hidden[lo:hi].to(torch.float32, copy=True)
+    if layout is None:
+        layout = pooling_layout(starts, lengths, num_windows, hidden.device)
+    x = hidden[layout.lo:layout.hi].to(torch.float32, copy=True)
     if residual is not None:
-        x.add_(residual[lo:hi])  # in fp32
-    dev = hidden.device
-    means = F.embedding_bag(torch.from_numpy(rows - lo).to(dev), x,
-                            torch.from_numpy(offsets).to(dev), mode="mean")
+        x.add_(residual[layout.lo:layout.hi])  # in fp32
+    means = F.embedding_bag(layout.rows, x, layout.offsets, mode="mean")
     h = F.gelu(F.linear(means, w1.float(), b1.float()), approximate="tanh")
     per_window = F.linear(h, w2.float(), b2.float())  # [sum of windows, 3]
-    if (windows == windows[0]).all():  # usual: every prompt has at least W tokens
-        logits = per_window.view(len(windows), int(windows[0]), 3).mean(dim=1)
+    if layout.before is None:
+        logits = per_window.view(len(layout.windows), int(layout.windows[0]), 3).mean(dim=1)
     else:
-        index = torch.arange(per_window.shape[0], device=dev)
-        before = torch.from_numpy(np.cumsum(windows) - windows).to(dev)
-        logits = F.embedding_bag(index, per_window, before, mode="mean")
+        index = torch.arange(per_window.shape[0], device=hidden.device)
+        logits = F.embedding_bag(index, per_window, layout.before, mode="mean")
     return logits, logits.argmax(dim=-1)
 
 

@@ -200,6 +200,32 @@ def test_reference_matches_hand_computed_example():
     assert decisions.tolist() == [1, 1]
 
 
+def test_reference_with_one_layout_per_step_matches_the_hand_computed_example():
+    # The example above, its windows laid out once (as the model does once per
+    # step) and reused: known answer first, then a second "layer" (other
+    # hidden states, same sequences) against the answer without the layout.
+    g = 0.8411919906082768
+    g_minus2 = -0.04540230591222
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [9.0, 9.0], [-2.0, 0.0]])
+    w1, b1 = torch.eye(2), torch.zeros(2)
+    w2, b2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.tensor([0.0, 0.5, 0.0])
+    starts, lens = torch.tensor([0, 5]), torch.tensor([5, 1])
+    layout = K.pooling_layout(starts, lens, 2)
+    assert (layout.lo, layout.hi, layout.windows.tolist()) == (0, 6, [2, 1])
+    assert layout.rows.tolist() == [0, 1, 2, 3, 5] and layout.offsets.tolist() == [0, 2, 4]
+    logits, _ = K.route_logits_ref(hidden, starts, lens, 2, w1, b1, w2, b2, layout=layout)
+    expected = torch.tensor([[g / 2, g / 2 + 0.5, -g], [g_minus2, 0.5, -g_minus2]])
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    other = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    residual = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(K.route_logits_ref(other, starts, lens, 2, w1, b1, w2, b2, residual, layout),
+                    K.route_logits_ref(other, starts, lens, 2, w1, b1, w2, b2, residual)):
+        assert torch.equal(a, b)
+    # every sequence with all its windows: the uniform path, rows offset by lo
+    layout = K.pooling_layout(torch.tensor([2, 4]), torch.tensor([2, 2]), 2)
+    assert (layout.lo, layout.before) == (2, None) and layout.rows.tolist() == [0, 1, 2, 3]
+
+
 def test_reference_adds_residual_and_breaks_ties_low():
     hidden = torch.tensor([[1.0, -1.0]])
     residual = torch.tensor([[-1.0, 1.0]])  # the sum is zero: all logits equal b2
