@@ -182,20 +182,26 @@ def test_triton_route_logits_is_deterministic_and_leaves_its_counters_zero():
     assert not router_pool._arrival_counters(DEVICE, 1).any()
 
 
-def test_reference_matches_hand_computed_example():
-    # Sequence 0: T=5, W=2 -> windows {rows 0,1} and {rows 2,3}; row 4 dropped.
-    # Means [1, 0] and [0, 1]; w1 = I, b1 = 0 -> h = [g, 0] and [0, g] with
-    # g = gelu_tanh(1). w2 rows (1,0), (0,1), (-1,-1), b2 = (0, .5, 0):
-    # window logits (g, .5, -g) and (0, g+.5, -g) -> mean (g/2, g/2+.5, -g).
-    # Sequence 1: T=1 (one window, the row itself): row [-2, 0] -> h = [gelu(-2), 0].
+def _hand_computed_example():
+    """(hidden, starts, lengths, weights, expected logits) of two sequences, W=2.
+
+    Sequence 0: T=5, W=2 -> windows {rows 0,1} and {rows 2,3}; row 4 dropped.
+    Means [1, 0] and [0, 1]; w1 = I, b1 = 0 -> h = [g, 0] and [0, g] with
+    g = gelu_tanh(1). w2 rows (1,0), (0,1), (-1,-1), b2 = (0, .5, 0):
+    window logits (g, .5, -g) and (0, g+.5, -g) -> mean (g/2, g/2+.5, -g).
+    Sequence 1: T=1 (one window, the row itself): row [-2, 0] -> h = [gelu(-2), 0]."""
     g = 0.8411919906082768
     g_minus2 = -0.04540230591222
     hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [9.0, 9.0], [-2.0, 0.0]])
-    w1, b1 = torch.eye(2), torch.zeros(2)
-    w2, b2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.tensor([0.0, 0.5, 0.0])
-    logits, decisions = K.route_logits_ref(
-        hidden, torch.tensor([0, 5]), torch.tensor([5, 1]), 2, w1, b1, w2, b2)
+    weights = (torch.eye(2), torch.zeros(2),
+               torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.tensor([0.0, 0.5, 0.0]))
     expected = torch.tensor([[g / 2, g / 2 + 0.5, -g], [g_minus2, 0.5, -g_minus2]])
+    return hidden, torch.tensor([0, 5]), torch.tensor([5, 1]), weights, expected
+
+
+def test_reference_matches_hand_computed_example():
+    hidden, starts, lens, weights, expected = _hand_computed_example()
+    logits, decisions = K.route_logits_ref(hidden, starts, lens, 2, *weights)
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
     assert decisions.tolist() == [1, 1]
 
@@ -204,22 +210,16 @@ def test_reference_with_one_layout_per_step_matches_the_hand_computed_example():
     # The example above, its windows laid out once (as the model does once per
     # step) and reused: known answer first, then a second "layer" (other
     # hidden states, same sequences) against the answer without the layout.
-    g = 0.8411919906082768
-    g_minus2 = -0.04540230591222
-    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [9.0, 9.0], [-2.0, 0.0]])
-    w1, b1 = torch.eye(2), torch.zeros(2)
-    w2, b2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.tensor([0.0, 0.5, 0.0])
-    starts, lens = torch.tensor([0, 5]), torch.tensor([5, 1])
+    hidden, starts, lens, weights, expected = _hand_computed_example()
     layout = K.pooling_layout(starts, lens, 2)
     assert (layout.lo, layout.hi, layout.windows.tolist()) == (0, 6, [2, 1])
     assert layout.rows.tolist() == [0, 1, 2, 3, 5] and layout.offsets.tolist() == [0, 2, 4]
-    logits, _ = K.route_logits_ref(hidden, starts, lens, 2, w1, b1, w2, b2, layout=layout)
-    expected = torch.tensor([[g / 2, g / 2 + 0.5, -g], [g_minus2, 0.5, -g_minus2]])
+    logits, _ = K.route_logits_ref(hidden, starts, lens, 2, *weights, layout=layout)
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
     other = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     residual = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
-    for a, b in zip(K.route_logits_ref(other, starts, lens, 2, w1, b1, w2, b2, residual, layout),
-                    K.route_logits_ref(other, starts, lens, 2, w1, b1, w2, b2, residual)):
+    for a, b in zip(K.route_logits_ref(other, starts, lens, 2, *weights, residual, layout),
+                    K.route_logits_ref(other, starts, lens, 2, *weights, residual)):
         assert torch.equal(a, b)
     # every sequence with all its windows: the uniform path, rows offset by lo
     layout = K.pooling_layout(torch.tensor([2, 4]), torch.tensor([2, 2]), 2)
