@@ -70,7 +70,7 @@ class StepBatch:
         default=None, init=False
     )
     # the routers' pooling layout (kernels.pooling_layout of route_inputs),
-    # built by the model at the step's first routed layer, read at the others
+    # built by the model at the step's first routed layer on CPU, read at the others
     route_layout: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:

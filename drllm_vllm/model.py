@@ -189,7 +189,8 @@ class DrModelMixin:
     def _route_layer(self, i: int, step: StepBatch, hidden, residual) -> None:
         """Fix layer i's action for the rows being routed in this step."""
         starts, lengths, bias = step.route_inputs()
-        if step.route_layout is None:  # the same windows at every layer of the step
+        if step.route_layout is None and not hidden.is_cuda:  # for the torch path (CPU):
+            # the same windows at every layer of the step; Triton lays them out on the GPU
             step.route_layout = kernels.pooling_layout(
                 starts, lengths, self.drllm.num_windows, hidden.device)
         router = self.model.routers[i]
