@@ -100,7 +100,7 @@ def _observe_metrics(schedule: list[int], applications: int) -> None:
             Histogram("drllm_layer_applications",
                       "Layer applications per token of finished requests",
                       buckets=[*range(0, 2 * len(schedule) + 1, 2)]),
-            {},  # (layer, action) -> its labelled child: labels() costs ~5 us a call
+            {},  # (layer, action) -> its labelled child: labels() costs ~1.5 us a call (timeit)
         )
     actions, requests, applications_hist, children = _metrics
     for layer, action in enumerate(schedule):
