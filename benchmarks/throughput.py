@@ -42,7 +42,11 @@ Workloads at each concurrency c (c requests submitted at once):
   `full`; skip k of L layers, the same k for every request (k = 3, 6, 9,
   spread evenly over the stack); `hetero`: each request its own random
   schedule skipping 9 layers (mean depth L-9); `routed` with the
-  checkpoint's routers at several biases.
+  checkpoint's routers at several biases. Only when named (`--cases`):
+  `full-loop`, full mode through the per-layer loop and layer graph on an
+  engine of its own (DRLLM_LAYER_LOOP=1) instead of vLLM's whole-model
+  graph: what a compiled graph per whole schedule could gain over per-layer
+  graphs, measured on the one schedule vLLM already compiles whole.
 - grouping: 4*G requests whose schedules come from a pool of 4 (each skips
   9 random layers) through engines that run at most G at a time; grouping
   on vs off.
@@ -176,7 +180,11 @@ def workload_cases(c: int, L: int, biases: list[float], seed: int) -> list[Case]
              # control: a second, identical plain default engine. Its ratio to the
              # first is how far apart two copies of one engine read on this machine
              Case("plain-default-b", "plain-default-b", [None] * c, L, L),
-             Case("full", "drllm", [{"drllm_mode": "full"}] * c, L, L)]
+             Case("full", "drllm", [{"drllm_mode": "full"}] * c, L, L),
+             # full again, but through the per-layer loop (DRLLM_LAYER_LOOP=1) instead of
+             # vLLM's whole-model graph: what a graph for a whole schedule could save over
+             # per-layer graphs (only when named: --cases full full-loop)
+             Case("full-loop", "drllm-loop", [{"drllm_mode": "full"}] * c, L, L)]
     for k in (3, 6, 9):
         cases.append(Case(f"skip-{k}", "drllm", [forced(even_skip(L, k))] * c, L - k, L - k))
     # no layer at all: what a step costs besides its layers (embedding, LM head,
@@ -221,6 +229,8 @@ def start_engines(args, names: list[str], engines: dict | None = None) -> tuple[
         "plain-default-b": (base, dict(enable_prefix_caching=False), {}),
         "plain-eager": (base, dict(eager), {}),
         "drllm": (checkpoint, dict(enable_prefix_caching=False), {"DRLLM_GROUPING": "1"}),
+        "drllm-loop": (checkpoint, dict(enable_prefix_caching=False),
+                       {"DRLLM_GROUPING": "1", "DRLLM_LAYER_LOOP": "1"}),
         "grouping-on": (checkpoint, dict(max_num_seqs=args.group_batch, enable_prefix_caching=False),
                         {"DRLLM_GROUPING": "1"}),
         "grouping-off": (checkpoint, dict(max_num_seqs=args.group_batch, enable_prefix_caching=False),
@@ -782,7 +792,7 @@ def main(argv=None) -> dict:
         wanted = {k.engine for k in chosen(workload_cases(1, 30, args.biases, 0), REFERENCE,
                                            args.cases)
                   + chosen(grouping_cases(1, 30, 0), GROUP_REFERENCE, args.cases)}
-        names = [n for n in names if n in wanted | {"drllm"}]
+        names = [n for n in names + ["drllm-loop"] if n in wanted | {"drllm"}]
     started, vm0 = time.perf_counter(), vmstat()
     # Grouping on/off engines start once the others are shut down: a plugin
     # worker holds 2-3.5 GB after the grid's workloads (measured), so fewer

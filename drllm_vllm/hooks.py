@@ -408,6 +408,10 @@ class DrRunnerMixin:
         self._drllm_decided: dict[str, Schedule] = {}  # to report this step
         self._drllm_stats = _zero_stats()
         self._drllm_last_step: StepBatch | None = None  # its row sets may carry over
+        # Diagnostics (`drllm bench`'s full-loop case): DRLLM_LAYER_LOOP=1 sends
+        # steps in which every row runs every layer through the per-layer loop
+        # too, instead of vLLM's whole-model graph, to measure what the loop costs.
+        self._drllm_layer_loop = os.environ.get("DRLLM_LAYER_LOOP", "0") == "1"
 
     def _model_forward(self, input_ids=None, positions=None, **kwargs):
         model = self.get_model()
@@ -437,8 +441,8 @@ class DrRunnerMixin:
                 schedule = self._first_sight(model, row, rid, query_start, to_route)
             schedules.append(schedule)
         full = full_schedule(num_layers)
-        if not to_route and all(s == full for s in schedules):
-            return None  # every row runs every layer: the plain loop, no overhead
+        if not to_route and all(s == full for s in schedules) and not self._drllm_layer_loop:
+            return None  # every row runs every layer: vLLM's own forward, no overhead
         step = StepBatch(
             req_ids=list(req_ids),
             query_start=query_start,
