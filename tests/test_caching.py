@@ -2,6 +2,9 @@
 
 One engine with both on, small blocks and a small step budget, so that
 prompts of a few hundred tokens hit the cache block by block and chunk.
+It runs eagerly: what is tested here (block hashes, salts, routing windows
+across chunks) is the same compiled, and a compiled engine of its own cost
+about 4 minutes of CI to start (test_compiled.py covers the compiled layers).
 Every answer is checked against the no-KV-cache oracle, and the hits are
 counted from vLLM's own metrics.
 """
@@ -45,6 +48,7 @@ def llm(checkpoint):
     engine = make_llm(
         checkpoint, block_size=BLOCK, max_num_batched_tokens=BUDGET, max_num_seqs=8,
         enable_prefix_caching=True, enable_chunked_prefill=True, disable_log_stats=False,
+        enforce_eager=True,
     )
     yield engine
     shutdown(engine)

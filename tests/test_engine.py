@@ -127,10 +127,12 @@ def test_route_tokens_equals_routing_the_question_alone(dr_llm, oracle, tokenize
 
 
 def test_schedules_survive_preemption(checkpoint, oracle, prompt_ids):
-    # 6 blocks of 32 tokens for 6 requests that each grow to 2 blocks
+    # 6 blocks of 32 tokens for 6 requests that each grow to 2 blocks; eager:
+    # preemption is the scheduler's and runner's, and an engine of its own
+    # compiled cost minutes of CI to start
     llm = make_llm(
         checkpoint, max_model_len=128, block_size=32, num_gpu_blocks_override=6,
-        disable_log_stats=False,
+        disable_log_stats=False, enforce_eager=True,
     )
     try:
         reqs = [(prompt_ids[i], FORCED[i]) for i in range(3)] + [
